@@ -1,0 +1,95 @@
+"""Conformance-suite machinery shared by test_minpp.py and test_less.py.
+
+- `impl`: the module under test. The reference (minpp_ref / less_ref) by default; any importable module
+  named with --minpp-impl / --less-impl or MINPP_IMPL / LESS_IMPL. A function the candidate lacks skips
+  the tests that need it, with a reason naming it; the run's summary lists what was not provided.
+- Hypothesis profiles: "ci" (default, fast) and "thorough" (--hypothesis-profile thorough, or
+  HYPOTHESIS_PROFILE=thorough).
+- TOL: one per-dtype tolerance table. `device`: cpu, plus cuda where present (skipped cleanly elsewhere).
+"""
+import importlib
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=30, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# One tolerance table, keyed by the dtype a result is stored in, for comparing it with a float64 ground
+# truth computed from the same (already rounded) inputs. The reference computes in float32 whatever the
+# input dtype, so bf16/fp16 inputs must give float32-quality results; a candidate that returns its input
+# dtype is held to that dtype's rounding.
+TOL = {
+    torch.float32: dict(rtol=2e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-4),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
+}
+
+_MODULES = {"minpp": ("minpp_ref", "MINPP_IMPL"), "less": ("less_ref", "LESS_IMPL")}
+_NOT_PROVIDED = {}
+
+
+def pytest_addoption(parser):
+    for kind, (ref, env) in _MODULES.items():
+        parser.addoption(f"--{kind}-impl", default=os.environ.get(env, ref),
+                         help=f"importable module to test in place of {ref} (or set {env})")
+
+
+_PROBES = {"execute_example", "setup_example", "teardown_example"}
+
+
+class Impl:
+    """The module under test; a missing attribute skips the test with a reason that names it."""
+
+    def __init__(self, module, kind):
+        self._module, self._kind = module, kind
+        self.name = module.__name__
+
+    def __getattr__(self, attr):
+        if attr.startswith(("_", "hypothesis")) or attr in _PROBES:  # pytest/hypothesis probes, not the API
+            raise AttributeError(attr)
+        try:
+            return getattr(self._module, attr)
+        except AttributeError:
+            _NOT_PROVIDED.setdefault(self.name, set()).add(attr)
+            pytest.skip(f"{self.name} does not provide {attr}")
+
+
+@pytest.fixture(scope="module")
+def impl(request):
+    """The implementation for this test module (IMPL_KIND = 'minpp' or 'less' at its top)."""
+    kind = request.module.IMPL_KIND
+    name = request.config.getoption(f"--{kind}-impl")
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        pytest.exit(f"cannot import the {kind} implementation {name!r}: {e}", returncode=4)
+    return Impl(module, kind)
+
+
+def pytest_report_header(config):
+    return [f"{kind} implementation: {config.getoption(f'--{kind}-impl')}" for kind in _MODULES] + \
+           [f"hypothesis profile: {settings._current_profile}"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    for name, attrs in sorted(_NOT_PROVIDED.items()):
+        terminalreporter.write_line(f"{name}: not provided (tests skipped): {', '.join(sorted(attrs))}")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def tol():
+    return TOL

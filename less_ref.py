@@ -1,0 +1,568 @@
+"""LESS reference: gradient-feature data selection (Xia et al., ICML 2024), in plain torch.
+
+Follows the original LESS code (collect_grad_reps.py, matching.py): per-example gradients of the
+Hugging Face causal-LM loss (response tokens only) over the trainable parameters, Adam-preconditioned
+with the warm-up checkpoint's optimizer moments,
+
+    Gamma = m_hat / sqrt(v_hat + eps),  m_hat = b1 m + (1 - b1) g,  v_hat = b2 v + (1 - b2) g^2
+
+randomly projected to proj_dim, L2-normalised, and matched against validation gradients:
+
+    score(z') = max_subtask mean_{z in subtask} sum_i eta_i cos(grad l(z; theta_i), Gamma(z', theta_i))
+
+Unlike the original, the projection is a pure function of (seed, row, column) -- identical for every
+block size, batch split and device -- and every stored feature row stays tied to its sample id.
+Imports with torch alone; transformers, safetensors and tqdm are imported where they are needed.
+
+Precision: all arithmetic is float32 whatever the input dtype (bf16 gradients included); features
+and scores are float32. Run `python less_ref.py demo` for an offline end-to-end run.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+# ----------------------------------------------------------------------------
+# Adam features
+
+
+def adam_features(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=1e-8, eps_outside=False):
+    """Gamma = m_hat / sqrt(v_hat + eps) (LESS: eps INSIDE the root, no bias correction, no lr), float32.
+
+    grad is (D,) or (N, D) in any float dtype; the moments are (D,). eps_outside=True gives DataFlex's
+    m_hat / (sqrt(v_hat) + eps) instead -- a different feature, so it must be asked for explicitly."""
+    g, m, v = grad.float(), exp_avg.float(), exp_avg_sq.float()
+    m_hat = beta1 * m + (1 - beta1) * g
+    v_hat = beta2 * v + (1 - beta2) * g * g
+    return m_hat / (v_hat.sqrt() + eps) if eps_outside else m_hat / torch.sqrt(v_hat + eps)
+
+
+# ----------------------------------------------------------------------------
+# random projection: each sign a pure function of (seed, row, column)
+
+PROJECTION = "rademacher-fmix32-v1"
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h, c):
+    """(h * c) mod 2^32 for 0 <= h, c < 2^32, split so that int64 never overflows (CPU == CUDA, bit for bit)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h):
+    """murmur3's 32-bit finaliser: a bijection of [0, 2^32) with full avalanche. Works on ints and int64 tensors."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _sign_table(device):
+    """(256, 8) float32: entry [b, j] = +1 if bit j of byte b is 0, else -1."""
+    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    return (1 - 2 * bits).float()
+
+
+def rademacher_block(seed, row0, nrows, proj_dim, device="cpu"):
+    """Rows [row0, row0 + nrows) of R in {-1, +1}^(D x proj_dim), float32 (nrows, proj_dim).
+
+    Word (i, j // 32) = fmix32(fmix32(lo ^ s1) ^ hi ^ s2), with counter i * W + j // 32 = hi * 2^32 + lo and
+    W = ceil(proj_dim / 32); sign (i, j) is bit j % 32 of that word. Collision-free while D * W < 2^32."""
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be in [0, 2^32), got {seed}")
+    s1, s2 = _fmix32(seed ^ 0x9E3779B9), _fmix32(seed ^ 0x7F4A7C15)
+    W = (proj_dim + 31) // 32
+    rows = torch.arange(row0, row0 + nrows, device=device, dtype=torch.int64)
+    counter = rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64)  # (nrows, W)
+    words = _fmix32(_fmix32((counter & _M32) ^ s1) ^ (counter >> 32) ^ s2)
+    byte = (words[..., None] >> torch.arange(0, 32, 8, device=device)) & 0xFF  # (nrows, W, 4)
+    return _sign_table(device)[byte].reshape(nrows, W * 32)[:, :proj_dim]  # (nrows, proj_dim)
+
+
+def project(x, proj_dim, seed=0, block_rows=None):
+    """y = x @ R / sqrt(proj_dim), R Rademacher from rademacher_block, float32 (N, proj_dim).
+
+    R is generated block_rows rows at a time on x's device (default: ~2^24 entries per block) and never
+    held whole. R itself does not depend on block_rows, batch split or device; y does only up to float32
+    summation order."""
+    squeeze = x.dim() == 1
+    x = x[None] if squeeze else x
+    N, D = x.shape
+    if proj_dim < 1:
+        raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
+    block_rows = block_rows or max(1, 2 ** 24 // proj_dim)
+    out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)
+    for r0 in range(0, D, block_rows):
+        nr = min(block_rows, D - r0)
+        out.addmm_(x[:, r0:r0 + nr].float(), rademacher_block(seed, r0, nr, proj_dim, x.device))
+    out /= math.sqrt(proj_dim)
+    return out[0] if squeeze else out
+
+
+def projection_identity(grad_dim, proj_dim, seed):
+    return {"projection": PROJECTION, "grad_dim": int(grad_dim), "proj_dim": int(proj_dim), "seed": int(seed)}
+
+
+# ----------------------------------------------------------------------------
+# matching and selection
+
+
+def _normalise_rows(x, what):
+    x = x.float()
+    norm = x.norm(dim=-1, keepdim=True)
+    bad = ~torch.isfinite(norm[:, 0]) | (norm[:, 0] == 0)
+    if bad.any():
+        raise ValueError(f"{what} row {bad.nonzero()[0].item()} has a zero or non-finite norm")
+    return x / norm
+
+
+def influence_scores(train, val, checkpoint_weights=None, n_subtasks=1):
+    """score_n = max_s mean_{m in subtask s} sum_i eta_i <t_in / |t_in|, v_im / |v_im|>, float32 (N,).
+
+    train, val: a tensor (N, k) / (M, k) or a list of them, one per checkpoint. eta (default uniform) is
+    renormalised to sum to 1. Validation rows form n_subtasks contiguous, equal-sized subtasks."""
+    train = [train] if torch.is_tensor(train) else list(train)
+    val = [val] if torch.is_tensor(val) else list(val)
+    if len(train) != len(val) or not train:
+        raise ValueError(f"need one train and one val tensor per checkpoint, got {len(train)} and {len(val)}")
+    eta = torch.ones(len(train)) if checkpoint_weights is None else torch.as_tensor(checkpoint_weights, dtype=torch.float64)
+    if eta.numel() != len(train) or (eta < 0).any() or eta.sum() <= 0 or not torch.isfinite(eta).all():
+        raise ValueError(f"checkpoint_weights must be {len(train)} finite non-negative numbers with a positive sum, got {eta.tolist()}")
+    eta = (eta / eta.sum()).tolist()
+    M = val[0].shape[0]
+    if n_subtasks < 1 or M % n_subtasks:
+        raise ValueError(f"n_subtasks={n_subtasks} does not divide the {M} validation examples into equal subtasks")
+    sim = 0
+    for i, (t, v) in enumerate(zip(train, val)):
+        if v.shape[0] != M or t.shape[1] != v.shape[1]:
+            raise ValueError(f"checkpoint {i}: train {tuple(t.shape)} and val {tuple(v.shape)} do not match the others")
+        sim = sim + eta[i] * (_normalise_rows(t, f"checkpoint {i} train") @ _normalise_rows(v, f"checkpoint {i} val").T)
+    return sim.reshape(sim.shape[0], n_subtasks, M // n_subtasks).mean(-1).amax(-1)  # (N, M) -> (N,)
+
+
+def select_top(scores, fraction=None, k=None):
+    """Indices of the k highest scores, descending, ties by position; k = int(fraction * N) as in LESS."""
+    if (fraction is None) == (k is None):
+        raise ValueError("give exactly one of fraction or k")
+    N = scores.shape[0]
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        k = int(fraction * N)
+    if not 0 <= k <= N:
+        raise ValueError(f"k must be in [0, {N}], got {k}")
+    if torch.isnan(scores).any():
+        raise ValueError(f"score {torch.isnan(scores).nonzero()[0].item()} is NaN")
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
+def checkpoint_weights_from_trainer_state(path):
+    """eta_i = mean logged learning rate of epoch i (log entries with epoch in (i - 1, i]) from trainer_state.json."""
+    with open(path) as f:
+        log = [e for e in json.load(f)["log_history"] if "learning_rate" in e and "epoch" in e]
+    if not log:
+        raise ValueError(f"{path} has no log entry with both 'learning_rate' and 'epoch'")
+    by_epoch = {}
+    for e in log:
+        by_epoch.setdefault(max(1, math.ceil(e["epoch"] - 1e-9)), []).append(e["learning_rate"])
+    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
+
+
+# ----------------------------------------------------------------------------
+# per-example gradients of a transformers causal LM
+
+
+def trainable_parameters(model):
+    """[(name, param)] with requires_grad, in named_parameters() order: the gradient vector's layout."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _as_long(x):
+    return torch.as_tensor(x, dtype=torch.long)
+
+
+def check_examples(examples):
+    """Ids unique; every example has at least one scored label (an all -100 example has no loss: HF gives NaN)."""
+    seen, empty = {}, []
+    for i, ex in enumerate(examples):
+        if ex["id"] in seen:
+            raise ValueError(f"duplicate sample id {ex['id']!r} at positions {seen[ex['id']]} and {i}")
+        seen[ex["id"]] = i
+        lab = _as_long(ex["labels"])
+        if lab.shape != _as_long(ex["input_ids"]).shape:
+            raise ValueError(f"sample id {ex['id']!r}: labels and input_ids differ in length")
+        if (lab[1:] == -100).all():  # position 0 is never predicted
+            empty.append(ex["id"])
+    if empty:
+        raise ValueError(f"{len(empty)} example(s) have no response token (labels all -100), ids {empty[:10]}: "
+                         "drop them before collecting")
+
+
+def example_gradients(model, examples, method="vmap"):
+    """(B, D) float32 per-example gradients of the HF causal-LM loss (mean CE over labels != -100),
+    over trainable_parameters(model), in eval mode (dropout must not change features).
+
+    'loop': one backward per example (the original's batch size 1). 'vmap': torch.func over a right-padded
+    batch with padding labelled -100 and no attention mask -- causal attention never lets a real token
+    see the padding after it, so each row equals the loop up to float rounding."""
+    model.eval()
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameter (requires_grad): nothing to take gradients of")
+    if method == "loop":
+        rows = []
+        for ex in examples:
+            loss = model(input_ids=_as_long(ex["input_ids"])[None].to(params[0][1].device),
+                         labels=_as_long(ex["labels"])[None].to(params[0][1].device)).loss
+            rows.append(torch.cat([g.reshape(-1).float() for g in torch.autograd.grad(loss, [p for _, p in params])]))
+        return torch.stack(rows)
+    if method != "vmap":
+        raise ValueError(f"method must be 'loop' or 'vmap', got {method!r}")
+    from torch.func import functional_call, grad, vmap
+
+    T = max(len(ex["input_ids"]) for ex in examples)
+    ids = torch.zeros(len(examples), T, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[i, :n], labels[i, :n] = _as_long(ex["input_ids"]), _as_long(ex["labels"])
+    dev = params[0][1].device
+
+    def loss_fn(p, i, lab):
+        return functional_call(model, p, (), {"input_ids": i[None], "labels": lab[None]}).loss
+
+    g = vmap(grad(loss_fn), in_dims=(None, 0, 0))({n: p.detach() for n, p in params}, ids.to(dev), labels.to(dev))
+    return torch.cat([g[n].reshape(len(examples), -1).float() for n, _ in params], 1)
+
+
+def gradient_features(grads, grad_type, adam_state=None):
+    """'sgd': g; 'sign': sign(g); 'adam': adam_features(g, m, v) with adam_state = (m, v). float32."""
+    if grad_type == "sgd":
+        return grads.float()
+    if grad_type == "sign":
+        return torch.sign(grads.float())
+    if grad_type == "adam":
+        if adam_state is None:
+            raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state (exp_avg, exp_avg_sq)")
+        return adam_features(grads, *adam_state)
+    raise ValueError(f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
+
+
+# ----------------------------------------------------------------------------
+# optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer
+
+
+def trainer_param_order(model):
+    """Trainable names in the order a transformers Trainer numbers them: its weight-decay group, then its
+    no-decay group (each in named_parameters() order). Returns the order and the two group sizes."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    names = [n for n, _ in trainable_parameters(model)]
+    groups = [[n for n in names if n in decay], [n for n in names if n not in decay]]
+    return groups[0] + groups[1], [len(g) for g in groups]
+
+
+def _strip(name):
+    for prefix in ("_fsdp_wrapped_module.", "_orig_mod.", "module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def adam_state(model, source, param_order=None):
+    """(exp_avg, exp_avg_sq) as float32 (D,) vectors laid out like the gradient vector.
+
+    source: a live torch.optim optimizer (state[param]); or a path to optimizer.bin (state keyed by
+    parameter NAME, FSDP/accelerate) or optimizer.pt (keyed by INDEX in param_groups order, transformers
+    Trainer: decay group first; pass param_order, a list of names, for another grouping). Files are read
+    with torch.load(weights_only=True): no pickled code runs. Every shape is checked by parameter name."""
+    params = trainable_parameters(model)
+    if isinstance(source, torch.optim.Optimizer):
+        by_name = {n: source.state.get(p) for n, p in params}
+    else:
+        sd = torch.load(source, map_location="cpu", weights_only=True)
+        state = sd["state"]
+        if all(isinstance(k, str) for k in state):
+            stripped = {_strip(k): v for k, v in state.items()}
+            by_name = {n: state.get(n, stripped.get(_strip(n))) for n, _ in params}
+        else:
+            if param_order is None:
+                param_order, sizes = trainer_param_order(model)
+                file_sizes = [len(g["params"]) for g in sd["param_groups"]]
+                if [s for s in file_sizes if s] != [s for s in sizes if s]:
+                    raise ValueError(f"{source}: param_groups sizes {file_sizes} do not match a Trainer's decay/no-decay "
+                                     f"grouping of this model's trainable parameters {sizes}; pass param_order")
+            index = [i for g in sd["param_groups"] for i in g["params"]]
+            if len(index) != len(param_order):
+                raise ValueError(f"{source}: {len(index)} parameters in param_groups, {len(param_order)} names in param_order")
+            by_name = {n: state.get(i) for n, i in zip(param_order, index)}
+    ms, vs = [], []
+    for n, p in params:
+        s = by_name.get(n)
+        if not s or "exp_avg" not in s or "exp_avg_sq" not in s:
+            raise ValueError(f"optimizer state has no exp_avg/exp_avg_sq for parameter {n!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            if s[key].shape != p.shape:
+                raise ValueError(f"optimizer state {key} for parameter {n!r} has shape {tuple(s[key].shape)}, "
+                                 f"the parameter has {tuple(p.shape)}")
+        ms.append(s["exp_avg"].reshape(-1).float().to(p.device))
+        vs.append(s["exp_avg_sq"].reshape(-1).float().to(p.device))
+    return torch.cat(ms), torch.cat(vs)
+
+
+# ----------------------------------------------------------------------------
+# collection and storage: row i of every feature file belongs to ids[i]
+
+
+def model_fingerprint(model):
+    """sha256 (16 hex) of trainable names, shapes, dtypes and per-parameter float64 sum and sum of squares."""
+    h = hashlib.sha256()
+    for n, p in trainable_parameters(model):
+        d = p.detach().double()
+        h.update(f"{n}|{tuple(p.shape)}|{p.dtype}|{d.sum().item():.10e}|{(d * d).sum().item():.10e};".encode())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(examples):
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex["id"], _as_long(ex["input_ids"]).tolist(), _as_long(ex["labels"]).tolist()]).encode())
+    return h.hexdigest()[:16]
+
+
+def _write_atomic(tensors, metadata, path):
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
+
+
+def load_features(path):
+    """(features float32 (N, k), ids list, identity dict) from a chunk or merged file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        feats = f.get_tensor("features")
+    if feats.shape[0] != len(meta["ids"]):
+        raise ValueError(f"{path}: {feats.shape[0]} feature rows but {len(meta['ids'])} ids")
+    return feats, meta["ids"], meta["identity"]
+
+
+def _chunk_path(out_dir, i):
+    return os.path.join(out_dir, f"chunk_{i:06d}.safetensors")
+
+
+def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state=None, proj_dim=8192, seed=0,
+                     checkpoint="", chunk_size=160, batch_size=8, method="vmap", progress=True):
+    """Per-example features of `examples` (dicts with 'id', 'input_ids', 'labels'), projected, written to
+    out_dir as chunk files of chunk_size rows (features + ids + identity), each atomically.
+
+    Re-running with the same arguments resumes: finished chunks are kept, not recomputed. Any change of
+    model, checkpoint, optimizer state, projection, gradient type or data is refused with a clear error.
+    Non-finite gradients are an error naming the sample id. Returns the number of chunks."""
+    examples = list(examples)
+    check_examples(examples)
+    adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
+    D = sum(p.numel() for _, p in trainable_parameters(model))
+    identity = dict(projection_identity(D, proj_dim, seed), grad_type=grad_type, checkpoint=str(checkpoint),
+                    model=model_fingerprint(model), data=data_fingerprint(examples), chunk_size=chunk_size,
+                    optimizer=None if adam is None else f"{adam[0].double().sum().item():.10e}|{adam[1].double().sum().item():.10e}")
+    os.makedirs(out_dir, exist_ok=True)
+    id_path = os.path.join(out_dir, "identity.json")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            old = json.load(f)
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if diff:
+            raise ValueError(f"{out_dir} holds features of another configuration ({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); "
+                             "use a new directory or delete it")
+    else:
+        with open(id_path + ".tmp", "w") as f:
+            json.dump(identity, f)
+        os.replace(id_path + ".tmp", id_path)
+    n_chunks = (len(examples) + chunk_size - 1) // chunk_size
+    todo = [c for c in range(n_chunks) if not os.path.exists(_chunk_path(out_dir, c))]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(examples), initial=len(examples) - sum(len(examples[c * chunk_size:(c + 1) * chunk_size]) for c in todo),
+                   desc=f"{grad_type} features {checkpoint}")
+    for c in todo:
+        chunk = examples[c * chunk_size:(c + 1) * chunk_size]
+        rows = []
+        for b in range(0, len(chunk), batch_size):
+            batch = chunk[b:b + batch_size]
+            g = example_gradients(model, batch, method)
+            bad = ~torch.isfinite(g).all(1)
+            if bad.any():
+                raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
+                                 f"(bf16 overflow or a broken example); its score would be meaningless")
+            rows.append(project(gradient_features(g, grad_type, adam), proj_dim, seed))
+            if bar:
+                bar.update(len(batch))
+        _write_atomic({"features": torch.cat(rows).cpu().contiguous()},
+                      {"ids": [ex["id"] for ex in chunk], "identity": identity}, _chunk_path(out_dir, c))
+    if bar:
+        bar.close()
+    return n_chunks
+
+
+def merge_features(out_dir):
+    """Concatenate out_dir's chunks in order, L2-normalise each row, write features.safetensors beside them.
+    Returns (features, ids, identity); refuses missing chunks or chunks of another identity."""
+    with open(os.path.join(out_dir, "identity.json")) as f:
+        identity = json.load(f)
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith("chunk_") and n.endswith(".safetensors"))
+    expected = [os.path.basename(_chunk_path(out_dir, i)) for i in range(len(names))]
+    if names != expected:
+        raise ValueError(f"{out_dir}: chunks are not contiguous (missing {sorted(set(expected) - set(names))[:5]}): "
+                         "finish the collection before merging")
+    feats, ids = [], []
+    for n in names:
+        x, i, ident = load_features(os.path.join(out_dir, n))
+        if ident != identity:
+            raise ValueError(f"{out_dir}/{n} was written by another configuration than identity.json")
+        feats.append(x)
+        ids += i
+    feats = _normalise_rows(torch.cat(feats), f"{out_dir} feature")
+    _write_atomic({"features": feats.contiguous()}, {"ids": ids, "identity": identity},
+                  os.path.join(out_dir, "features.safetensors"))
+    validate_features(os.path.join(out_dir, "features.safetensors"))
+    return feats, ids, identity
+
+
+def validate_features(path):
+    """A merged file is valid when rows == ids, ids are unique, all entries finite and rows unit-norm."""
+    feats, ids, identity = load_features(path)
+    if len(set(map(json.dumps, ids))) != len(ids):
+        raise ValueError(f"{path}: duplicate sample ids")
+    if feats.shape[1] != identity["proj_dim"]:
+        raise ValueError(f"{path}: {feats.shape[1]} columns but proj_dim {identity['proj_dim']}")
+    if not torch.isfinite(feats).all():
+        raise ValueError(f"{path}: non-finite feature for sample id {ids[(~torch.isfinite(feats)).any(1).nonzero()[0].item()]!r}")
+    if not torch.allclose(feats.norm(dim=1), torch.ones(len(ids)), atol=1e-4):
+        raise ValueError(f"{path}: rows are not L2-normalised")
+    return len(ids)
+
+
+def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
+    """influence_scores over merged feature files (one train and one val file per checkpoint), after checking
+    that each pair shares projection, gradient dimension, checkpoint and model. Returns (scores, train ids)."""
+    train, val, ids = [], [], None
+    for tp, vp in zip(train_paths, val_paths, strict=True):
+        t, t_ids, ti = load_features(tp)
+        v, _, vi = load_features(vp)
+        for key in ("projection", "grad_dim", "proj_dim", "seed", "checkpoint", "model"):
+            if ti[key] != vi[key]:
+                raise ValueError(f"{tp} and {vp} are incompatible: {key} is {ti[key]!r} vs {vi[key]!r}")
+        if ids is not None and t_ids != ids:
+            raise ValueError(f"{tp}: its ids differ from the first checkpoint's train file")
+        ids = t_ids
+        train.append(t)
+        val.append(v)
+    return influence_scores(train, val, checkpoint_weights, n_subtasks), ids
+
+
+# ----------------------------------------------------------------------------
+# demo: python less_ref.py demo
+
+
+def _task_examples(task, n, g, start_id):
+    """'copy': a b c SEP_A -> a b c over tokens 4..35; 'reverse': d e f SEP_B -> f e d over tokens 32..63.
+    The two tasks share 4 of their 32 tokens each."""
+    out = []
+    lo = 4 if task == "copy" else 32
+    for j in range(n):
+        body = torch.randint(lo, lo + 32, (6,), generator=g).tolist()
+        sep, resp = (1, body) if task == "copy" else (2, body[::-1])
+        ids = [0] + body + [sep] + resp + [3]
+        out.append({"id": f"{task}-{start_id + j}", "input_ids": ids, "labels": [-100] * 8 + resp + [3], "task": task})
+    return out
+
+
+def write_trainer_checkpoint(model, optimizer, lrs_per_epoch, ckpt_dir):
+    """What a transformers Trainer leaves behind, as far as LESS reads it: optimizer.pt + trainer_state.json."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    torch.save(optimizer.state_dict(), os.path.join(ckpt_dir, "optimizer.pt"))
+    log = [{"epoch": e + (s + 1) / len(lrs), "learning_rate": lr} for e, lrs in enumerate(lrs_per_epoch) for s, lr in enumerate(lrs)]
+    with open(os.path.join(ckpt_dir, "trainer_state.json"), "w") as f:
+        json.dump({"log_history": log}, f)
+
+
+def trainer_optimizer(model, lr, weight_decay=0.0):
+    """AdamW with a Trainer's two groups (decay params, then no-decay params)."""
+    order, sizes = trainer_param_order(model)
+    named = dict(model.named_parameters())
+    return torch.optim.AdamW([{"params": [named[n] for n in order[:sizes[0]]], "weight_decay": weight_decay},
+                              {"params": [named[n] for n in order[sizes[0]:]], "weight_decay": 0.0}], lr=lr)
+
+
+def demo(workdir=None, proj_dim=2048, seed=0):
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    workdir = workdir or tempfile.mkdtemp(prefix="less_demo_")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    pool = _task_examples("copy", 40, g, 0) + _task_examples("reverse", 360, g, 0)
+    val = _task_examples("copy", 8, g, 1000)
+    print(f"pool: {len(pool)} examples (40 copy, 360 reverse); validation: {len(val)} copy examples")
+    # warm-up: 2 epochs of LoRA-like training (attention q/v only trainable) on a random 10% of the pool
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(k in n for k in ("q_proj", "v_proj")))
+    opt = trainer_optimizer(model, lr=2e-3)
+    warm = [pool[i] for i in torch.randperm(len(pool), generator=g)[:40].tolist()]
+    ckpts, lrs = [], []
+    for epoch in range(2):
+        model.train()
+        lr_log = []
+        for step, ex in enumerate(warm):
+            lr = 2e-3 * (1 - (epoch * len(warm) + step) / (2 * len(warm)))
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            loss = model(input_ids=_as_long(ex["input_ids"])[None], labels=_as_long(ex["labels"])[None]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            lr_log.append(lr)
+        lrs.append(lr_log)
+        ck = os.path.join(workdir, f"checkpoint-{epoch + 1}")
+        write_trainer_checkpoint(model, opt, lrs, ck)
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(ck, "weights.pt"))
+        ckpts.append(ck)
+    eta = checkpoint_weights_from_trainer_state(os.path.join(ckpts[-1], "trainer_state.json"))
+    print(f"checkpoint weights (mean lr per epoch): {[f'{e:.3g}' for e in eta]}")
+    train_files, val_files = [], []
+    for ck in ckpts:
+        model.load_state_dict(torch.load(os.path.join(ck, "weights.pt"), weights_only=True), strict=False)
+        name = os.path.basename(ck)
+        for data, gt, files in ((pool, "adam", train_files), (val, "sgd", val_files)):
+            out = os.path.join(workdir, f"{name}-{gt}")
+            collect_features(model, data, out, gt, os.path.join(ck, "optimizer.pt"), proj_dim, seed, name,
+                             chunk_size=160, batch_size=16, progress=False)
+            merge_features(out)
+            files.append(os.path.join(out, "features.safetensors"))
+    scores, ids = match(train_files, val_files, eta)
+    top = select_top(scores, fraction=0.05)
+    hit = sum(ids[i].startswith("copy") for i in top.tolist())
+    print(f"selected top 5%: {len(top)} examples, {hit} from the validation task (copy); "
+          f"random selection would give {len(top) * 40 / 400:.1f}")
+    print(f"features and checkpoints in {workdir}")
+    return hit, len(top)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["demo"]:
+        demo()
+    else:
+        print("usage: python less_ref.py demo")

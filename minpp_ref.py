@@ -1,0 +1,490 @@
+"""MinP+ reference: a learnable generalisation of min-p sampling.
+
+MinP+ keeps min-p's scale-free test r = p / max p, but instead of one cut it
+uses K fixed thresholds tau_1 < ... < tau_K in [0, 1] with learned weights
+w_i = softplus(theta_i) >= 0:
+
+    r_v = p_v / max_u p_u                    c_v = sum_{i : tau_i <= r_v} w_i
+    q_v = p_v c_v / sum_u p_u c_u            (probs form)
+    log q = log_softmax(z + log c)           (logits form, z = logits / T)
+
+A single threshold tau = p_base with w = 1 is min-p; tau = 0 alone is plain
+sampling. This file also has the classic samplers done right (temperature,
+top-k, top-p, min-p), the head's training loss, generation, a transformers
+LogitsProcessor and GSM8K answer checking. It imports with torch alone;
+transformers and safetensors are imported inside the functions that need them.
+
+Precision: every function computes in float32 whatever the input dtype
+(fp32 / fp16 / bf16) and returns float32. Thresholds are compared in float32.
+
+Run `python minpp_ref.py demo` for an offline end-to-end run on a tiny model.
+"""
+import json
+import math
+import re
+import sys
+import warnings
+from fractions import Fraction
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------
+# input checks: every bad input is an error that says what and where
+
+
+def check_thresholds(tau, w):
+    """Validate MinP+ parameters: tau (K,) strictly increasing in [0, 1]; w (K,) finite, >= 0, sum > 0.
+
+    bucketize silently misbehaves on unsorted boundaries, so this is not optional.
+    """
+    if tau.dim() != 1 or w.dim() != 1 or tau.numel() != w.numel() or tau.numel() == 0:
+        raise ValueError(f"tau and w must be 1-D of the same length K >= 1, got {tuple(tau.shape)} and {tuple(w.shape)}")
+    t, wd = tau.detach().double().cpu(), w.detach().double().cpu()
+    for i, v in enumerate(t.tolist()):
+        if not 0.0 <= v <= 1.0:  # also catches NaN
+            raise ValueError(f"threshold tau[{i}] = {v} is outside [0, 1]")
+        if i > 0 and v <= t[i - 1]:
+            raise ValueError(f"thresholds must be strictly increasing: tau[{i - 1}] = {t[i - 1].item()} >= tau[{i}] = {v}")
+    for i, v in enumerate(wd.tolist()):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"weight w[{i}] = {v} (threshold tau[{i}] = {t[i].item()}) must be finite and >= 0")
+    if wd.sum() <= 0:
+        raise ValueError("all MinP+ weights are zero: no token could be kept")
+
+
+def _check_probs(probs):
+    if probs.dim() < 2:
+        raise ValueError(f"probs must be (..., V) with a batch dimension, got shape {tuple(probs.shape)}")
+    p = probs.float()
+    bad = ~torch.isfinite(p) | (p < 0)
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise ValueError(f"probs must be finite and >= 0; entry {idx} is {probs[tuple(idx)].item()}")
+    empty = p.sum(-1) <= 0
+    if empty.any():
+        raise ValueError(f"probs row {empty.nonzero()[0].tolist()} has no mass (all zero)")
+    return p
+
+
+def _check_logits(logits):
+    """fp32 logits; NaN, +inf and rows with no finite logit are errors (their softmax is undefined)."""
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (..., V) with a batch dimension, got shape {tuple(logits.shape)}")
+    z = logits.float()
+    bad = torch.isnan(z) | (z == float("inf"))
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise ValueError(f"logits must not be NaN or +inf; entry {idx} is {logits[tuple(idx)].item()}")
+    dead = ~torch.isfinite(z).any(-1)
+    if dead.any():
+        raise ValueError(f"logits row {dead.nonzero()[0].tolist()} has no finite logit (all -inf)")
+    return z
+
+
+# ----------------------------------------------------------------------------
+# the MinP+ transform
+
+
+def cumulative_weights(ratio_or_logratio, boundaries, w):
+    """c_v = sum_{i: boundary_i <= x_v} w_i, via bucketize (count of boundaries <= x) and a prefix sum.
+
+    fp32 in, fp32 out; boundaries are tau (probs form) or log tau (logits form).
+    """
+    prefix = F.pad(torch.cumsum(w.float(), 0), (1, 0))  # (K+1,): prefix[j] = w_1 + ... + w_j
+    idx = torch.bucketize(ratio_or_logratio, boundaries.contiguous(), right=True)  # (N, V) in [0, K]
+    return prefix[idx]
+
+
+def minpp_probs(probs, tau, w):
+    """Probs form: q = p * c / sum(p * c), c from r = p / max p. float32 in and out; rows sum to 1."""
+    check_thresholds(tau, w)
+    p = _check_probs(probs)
+    p = p / p.sum(-1, keepdim=True)
+    r = p / p.amax(-1, keepdim=True)  # (N, V) in [0, 1]; the max token has r == 1 exactly
+    q = p * cumulative_weights(r, tau.to(p), w.to(p))
+    return q / q.sum(-1, keepdim=True)  # sum > 0: the max token gets c = sum(w) > 0
+
+
+def minpp_logits(logits, tau, w):
+    """Logits form: returns z + log c (-inf where c = 0); r >= tau  <=>  z - max z >= log tau. No softmax.
+
+    float32 in and out; pass z = logits / T for temperature T (temperature comes first).
+    """
+    check_thresholds(tau, w)
+    z = _check_logits(logits)
+    d = z - z.amax(-1, keepdim=True)  # (N, V) <= 0, log r
+    c = cumulative_weights(d, tau.to(z).log(), w.to(z))  # log 0 = -inf: tau = 0 passes every token
+    return z + c.log()
+
+
+def _minpp_chunk_loss(z, target, tau, w, ignore_index):
+    return F.cross_entropy(minpp_logits(z, tau, w), target, ignore_index=ignore_index, reduction="sum")
+
+
+def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=1024):
+    """Mean over non-ignored rows of -log q_t, q = softmax(z + log c): one logsumexp per row, in float32.
+
+    Rows are processed in chunks under activation checkpointing, so memory is one chunk's temporaries
+    plus the logits' gradient, not several (N, V) float32 tensors. A target with c_t = 0 has
+    probability 0: its loss is +inf (math, not a bug) and a warning says how many and where.
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
+    check_thresholds(tau, w)
+    V = logits.shape[1]
+    scored = target != ignore_index
+    bad = scored & ((target < 0) | (target >= V))
+    if bad.any():
+        i = bad.nonzero()[0].item()
+        raise ValueError(f"target[{i}] = {target[i].item()} is outside [0, {V}) and is not ignore_index={ignore_index}")
+    n = int(scored.sum())
+    if n == 0:
+        raise ValueError(f"every target equals ignore_index={ignore_index}: there is nothing to score")
+    from torch.utils.checkpoint import checkpoint
+
+    total = logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, logits.shape[0], chunk_rows):
+        z, t = logits[s:s + chunk_rows], target[s:s + chunk_rows]
+        total = total + checkpoint(_minpp_chunk_loss, z, t, tau, w, ignore_index, use_reentrant=False)
+    loss = total / n
+    if torch.isinf(loss):
+        with torch.no_grad():
+            lq = minpp_logits(logits[scored], tau, w).gather(1, target[scored, None])
+            rows = scored.nonzero()[:, 0][torch.isneginf(lq[:, 0])]
+        warnings.warn(f"MinP+ loss is inf: {rows.numel()} target(s) have c = 0 (below every threshold with weight > 0), "
+                      f"first at row {rows[0].item()}; add tau = 0 to the grid to keep the loss finite")
+    return loss
+
+
+# ----------------------------------------------------------------------------
+# the classic samplers: temperature, then top-k, top-p, min-p (transformers' order)
+
+
+def apply_temperature(logits, temperature):
+    """z / T in float32; T must be finite and > 0 (T -> 0 is greedy: use do_sample=False)."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return _check_logits(logits) / temperature
+
+
+def _renormalise(p, keep):
+    q = p * keep
+    return q / q.sum(-1, keepdim=True)
+
+
+def apply_top_k(probs, k):
+    """Keep p_v >= the k-th largest p (all ties with the k-th are kept: order-free), renormalise. float32."""
+    if int(k) != k or k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {k}")
+    p = _check_probs(probs)
+    kth = torch.topk(p, min(int(k), p.shape[-1]), dim=-1).values[..., -1:]
+    return _renormalise(p, p >= kth)
+
+
+def apply_top_p(probs, top_p):
+    """Nucleus: keep the smallest prefix (by descending p) with mass >= top_p, i.e. token i of the sorted
+    order is kept iff cumsum_i - p_i < top_p; tokens tied with the last kept one are kept too (order-free).
+    float32, renormalised; the most likely token is always kept."""
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    p = _check_probs(probs)
+    p = p / p.sum(-1, keepdim=True)
+    s = torch.sort(p, dim=-1, descending=True).values  # (N, V)
+    kept = ((torch.cumsum(s, -1) - s) < top_p).sum(-1, keepdim=True).clamp(min=1)  # exclusive cumsum
+    return _renormalise(p, p >= s.gather(-1, kept - 1))
+
+
+def apply_min_p(probs, p_base):
+    """Keep p_v >= p_base * max p (ratio form r_v >= p_base, the boundary token is kept), renormalise. float32."""
+    if not (0 <= p_base <= 1):
+        raise ValueError(f"p_base (min_p) must be in [0, 1], got {p_base}")
+    p = _check_probs(probs)
+    return _renormalise(p, p / p.amax(-1, keepdim=True) >= p_base)
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, minpp=None):
+    """The sampling distribution: softmax(z / T), then top-k, top-p, min-p, MinP+ (tau, w), each renormalised.
+
+    The order is transformers' (temperature, top-k, top-p, min-p); vLLM applies min-p before top-k/top-p,
+    which differs when filters are combined. float32 (N, V)."""
+    p = torch.softmax(apply_temperature(logits, temperature), -1)
+    if top_k is not None:
+        p = apply_top_k(p, top_k)
+    if top_p is not None:
+        p = apply_top_p(p, top_p)
+    if min_p is not None:
+        p = apply_min_p(p, min_p)
+    if minpp is not None:
+        p = minpp_probs(p, *minpp)
+    return p
+
+
+def next_token(logits, do_sample=True, generator=None, **filters):
+    """(N,) token ids: argmax of the logits when do_sample is False (every filter keeps the argmax, and MinP+
+    never lowers it: q/p grows with r), otherwise a draw from next_token_probs(logits, **filters)."""
+    if not do_sample:
+        _check_logits(logits)
+        return logits.float().argmax(-1)
+    return torch.multinomial(next_token_probs(logits, **filters), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------
+# the learnable head
+
+
+def threshold_grid(K=32, grid="log", tau_min=1e-3):
+    """K thresholds with tau_1 = 0 (so the loss is always finite): 'log' = [0, geomspace(tau_min, 1, K-1)],
+    'linear' = linspace(0, 1, K). float32."""
+    if K < 2:
+        raise ValueError(f"K must be >= 2 (tau = 0 plus at least one threshold), got {K}")
+    if grid == "log":
+        if not 0 < tau_min < 1:
+            raise ValueError(f"tau_min must be in (0, 1), got {tau_min}")
+        rest = torch.logspace(math.log10(tau_min), 0.0, K - 1, dtype=torch.float64)
+        return torch.cat([torch.zeros(1, dtype=torch.float64), rest]).float()
+    if grid == "linear":
+        return torch.linspace(0, 1, K, dtype=torch.float64).float()
+    raise ValueError(f"grid must be 'log' or 'linear', got {grid!r}")
+
+
+class MinPPlusHead(nn.Module):
+    """MinP+ as a module: tau is a persistent buffer, w = softplus(theta) (theta = 0 gives w ~ 0.693).
+
+    No pruning inside forward: a hard zero on a small weight would kill its gradient for good.
+    Prune only at export (`active`) or inference."""
+
+    def __init__(self, K=32, grid="log", tau_min=1e-3, tau=None):
+        super().__init__()
+        tau = threshold_grid(K, grid, tau_min) if tau is None else torch.as_tensor(tau, dtype=torch.float32)
+        self.register_buffer("tau", tau)  # persistent: saved in state_dict
+        self.theta = nn.Parameter(torch.zeros_like(tau))
+
+    @property
+    def w(self):
+        return F.softplus(self.theta)
+
+    def forward(self, probs):
+        return minpp_probs(probs, self.tau, self.w)
+
+    def forward_logits(self, logits):
+        return minpp_logits(logits, self.tau, self.w)
+
+    def active(self, min_share=1e-3):
+        """(tau, w) pairs whose weight share w / sum(w) is >= min_share."""
+        w = self.w.detach()
+        keep = w / w.sum() >= min_share
+        return self.tau[keep].clone(), w[keep].clone()
+
+    def save(self, path):
+        from safetensors.torch import save_file
+
+        save_file({"tau": self.tau.contiguous(), "theta": self.theta.detach().contiguous()}, str(path),
+                  metadata={"format": "minpp-head-v1"})
+
+    @classmethod
+    def load(cls, path):
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        head = cls(tau=t["tau"])
+        with torch.no_grad():
+            head.theta.copy_(t["theta"])
+        return head
+
+    def export_jsonl(self, path, min_share=1e-3):
+        """One JSON object {"tau": ..., "w": ...} per active threshold."""
+        tau, w = self.active(min_share)
+        with open(path, "w") as f:
+            for t, v in zip(tau.tolist(), w.tolist()):
+                f.write(json.dumps({"tau": t, "w": v}) + "\n")
+
+
+def weight_entropy(w):
+    """H(pi), pi = w / sum(w), in nats (0 * log 0 = 0). float32."""
+    pi = w.float() / w.float().sum()
+    return -(pi * torch.log(pi.clamp_min(1e-30))).sum()
+
+
+def regulariser(w, kind="entropy"):
+    """'entropy': H(w / sum w) -- with total = CE + lam * H, lam > 0 SHARPENS (fewer active thresholds) and
+    lam < 0 smooths. 'l1': sum(w)."""
+    if kind == "entropy":
+        return weight_entropy(w)
+    if kind == "l1":
+        return w.float().sum()
+    raise ValueError(f"regulariser must be 'entropy' or 'l1', got {kind!r}")
+
+
+@torch.no_grad()
+def answer_logits(model, input_ids, labels, attention_mask=None):
+    """Frozen base-model logits at answer positions: (n, V) float32 and targets (n,), using the causal-LM
+    shift (position i predicts labels[i + 1]); rows whose label is -100 are dropped."""
+    model.eval()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    return logits[keep].float(), tgt[keep]
+
+
+def head_diagnostics(head, logits, target):
+    """Base CE vs MinP+ CE, mean fraction of the vocabulary with c > 0, H(pi), number of active thresholds."""
+    with torch.no_grad():
+        lq = head.forward_logits(logits)
+        return {"base_ce": F.cross_entropy(logits.float(), target).item(),
+                "minpp_ce": F.cross_entropy(lq, target).item(),
+                "kept_fraction": torch.isfinite(lq).float().mean().item(),
+                "weight_entropy": weight_entropy(head.w).item(),
+                "active": int(head.active()[0].numel())}
+
+
+def train_head(head, logits, target, steps=300, lr=0.1, reg="entropy", lam=0.0, temperature=1.0, log_every=0):
+    """Fit theta by Adam on CE(MinP+(logits / T), target) + lam * regulariser(w); logits are frozen (n, V)."""
+    z = apply_temperature(logits, temperature)
+    opt = torch.optim.Adam([head.theta], lr=lr)
+    for step in range(steps):
+        loss = minpp_loss(z, target, head.tau, head.w) + lam * regulariser(head.w, reg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"step {step:4d}  loss {loss.item():.4f}")
+    return head
+
+
+# ----------------------------------------------------------------------------
+# generation and the transformers integration
+
+
+def _filters(method, temperature, top_k, top_p, min_p, minpp):
+    allowed = {"none": {}, "top_k": {"top_k": top_k}, "top_p": {"top_p": top_p},
+               "min_p": {"min_p": min_p}, "minpp": {"minpp": minpp}}
+    if method not in allowed:
+        raise ValueError(f"method must be one of {sorted(allowed)} or 'greedy', got {method!r}")
+    f = allowed[method]
+    if any(v is None for v in f.values()):
+        raise ValueError(f"method {method!r} needs its parameter {list(f)[0]!r}")
+    return dict(f, temperature=temperature)
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, method="none", do_sample=True, temperature=1.0, top_k=None,
+             top_p=None, min_p=None, minpp=None, eos_token_id=None, stop_strings=(), decode=None, generator=None):
+    """Sample up to max_new_tokens per row with a KV cache; returns a list of new-token lists.
+
+    do_sample alone decides sampling vs argmax ("greedy" is do_sample=False). A row stops after eos or
+    once the text of its last tokens ends with a stop string (decode(list_of_ids) -> str is called on a
+    window of the last len(longest stop string) tokens, never on the whole sequence)."""
+    if method == "greedy":
+        method, do_sample = "none", False
+    kw = _filters(method, temperature, top_k, top_p, min_p, minpp)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function")
+    out = [[] for _ in range(input_ids.shape[0])]
+    if max_new_tokens == 0:
+        return out
+    window = max((len(s) for s in stop_strings), default=0)
+    model.eval()
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    res = model(input_ids=input_ids, use_cache=True)
+    for _ in range(max_new_tokens):
+        tok = next_token(res.logits[:, -1], do_sample=do_sample, generator=generator, **kw)
+        for i, t in enumerate(tok.tolist()):
+            if done[i]:
+                continue
+            out[i].append(t)
+            tail = decode(out[i][-window:]) if window else ""
+            if t == eos_token_id or any(tail.endswith(s) for s in stop_strings):
+                done[i] = True
+        if done.all():
+            break
+        res = model(input_ids=tok[:, None], past_key_values=res.past_key_values, use_cache=True)
+    return out
+
+
+def minpp_logits_processor(tau, w):
+    """A transformers LogitsProcessor: model.generate(..., logits_processor=[minpp_logits_processor(tau, w)]).
+
+    On one threshold tau = p_base (w = 1) it masks exactly what MinPLogitsWarper(p_base) masks."""
+    from transformers import LogitsProcessor
+
+    class MinPPlusLogitsProcessor(LogitsProcessor):
+        def __init__(self):
+            check_thresholds(tau, w)
+            self.tau, self.w = tau.float(), w.float()
+
+        def __call__(self, input_ids, scores):
+            return minpp_logits(scores, self.tau.to(scores.device), self.w.to(scores.device)).to(scores.dtype)
+
+    return MinPPlusLogitsProcessor()
+
+
+# ----------------------------------------------------------------------------
+# GSM8K answers
+
+
+def extract_answer(text):
+    """The number after the last '####' (commas, '$' and spaces dropped), as a Fraction; None if absent."""
+    m = re.findall(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
+    if not m:
+        return None
+    try:
+        return Fraction(m[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def answers_match(pred_text, gold_text):
+    """Numeric comparison of the '####' answers: 8 == 8.0, '1,000' == 1000, '007' == 7."""
+    a, b = extract_answer(pred_text), extract_answer(gold_text)
+    return a is not None and a == b
+
+
+# ----------------------------------------------------------------------------
+# demo: python minpp_ref.py demo
+
+
+def minp_targets(logits, p_base, generator):
+    """Targets drawn from min-p(p_base)-truncated softmax(logits): the data MinP+ should learn to imitate."""
+    return torch.multinomial(apply_min_p(torch.softmax(logits.float(), -1), p_base), 1, generator=generator)[:, 0]
+
+
+def demo(p_base=0.1, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.2)  # a wide init gives peaked next-token distributions
+    model = LlamaForCausalLM(cfg).eval()
+    # synthetic answers: continue random prompts with tokens from min-p(p_base) of the frozen model
+    prompts = torch.randint(0, 96, (64, 8), generator=g)
+    seqs = torch.tensor(generate(model, prompts, 16, method="min_p", min_p=p_base, generator=g))
+    ids = torch.cat([prompts, seqs], 1)
+    labels = ids.clone()
+    labels[:, :8] = -100  # the prompt does not count
+    logits, target = answer_logits(model, ids, labels)
+    head = MinPPlusHead(K=16, grid="log", tau_min=1e-3)
+    print(f"{target.numel()} answer tokens sampled from min-p({p_base}) of a tiny Llama; head K={head.tau.numel()}")
+    print("before:", head_diagnostics(head, logits, target))
+    train_head(head, logits, target, steps=300, lr=0.2)
+    print("after: ", head_diagnostics(head, logits, target))
+    share = (head.w / head.w.sum()).detach()
+    print("threshold  weight share")
+    for t, s in zip(head.tau.tolist(), share.tolist()):
+        print(f"{t:9.4f}  {s:6.3f} {'#' * int(40 * s)}")
+    prompt = prompts[:1]
+    for method, kw in [("greedy", {}), ("none", {}), ("top_k", {"top_k": 5}), ("top_p", {"top_p": 0.9}),
+                       ("min_p", {"min_p": p_base}), ("minpp", {"minpp": (head.tau, head.w.detach())})]:
+        print(f"{method:7s}", generate(model, prompt, 12, method=method, generator=g, **kw)[0])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["demo"]:
+        demo()
+    else:
+        print("usage: python minpp_ref.py demo")

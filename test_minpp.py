@@ -1,0 +1,576 @@
+"""Conformance suite for MinP+ and the classic samplers (SPEC Part 2).
+
+Part A reaches the implementation only through the `impl` fixture (minpp_ref, or --minpp-impl NAME) and
+compares it with float64 computations written here, independently of the code under test. Tokens whose
+ratio r = p / max p lies within a few float32 ulps of a threshold may be bucketed either way by a correct
+implementation: random draws drop such thresholds, and exact boundaries have their own tests on dyadic
+values that every implementation computes exactly. Part B tests reference-only machinery (training,
+save/load, generation, transformers integration) on minpp_ref itself.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, strategies as st
+
+from conftest import TOL
+
+IMPL_KIND = "minpp"
+LOG_SLACK = 1e-5  # |log r - log tau| below this is "on the boundary": either side is correct
+MASS_SLACK = 1e-4  # top-p cumulative-mass slack (FlashInfer uses the same margin)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# ----------------------------------------------------------------------------
+# independent float64 ground truth
+
+
+def c64(r, tau, w):
+    """c_v = sum_i w_i [tau_i <= r_v], by broadcasting (not bucketize)."""
+    return ((tau[None, None, :] <= r[..., None]).double() * w).sum(-1)
+
+
+def minpp64(p, tau, w):
+    p = p.double() / p.double().sum(-1, keepdim=True)
+    q = p * c64(p / p.amax(-1, keepdim=True), tau.double(), w.double())
+    return q / q.sum(-1, keepdim=True)
+
+
+def off_boundary(r, tau, w):
+    """Drop the thresholds that some token's r sits on within LOG_SLACK (except r == tau == 1, exact everywhere)."""
+    lr, lt = r.double().log().reshape(-1, 1), tau.double().log()[None]
+    near = ((lr - lt).abs() < LOG_SLACK) & ~((lr == 0) & (lt == 0))
+    keep = ~near.any(0)
+    if not keep.any():
+        keep[-1], tau, w = True, tau.clone(), w.clone()
+        tau[-1], w[-1] = 0.0, 1.0
+    return tau[keep].contiguous(), w[keep].contiguous()
+
+
+def assert_close(actual, expected, msg=""):
+    tol = TOL.get(actual.dtype, TOL[torch.float32])  # float64 here is an upcast float32 result
+    torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{msg}\n{m}")
+
+
+# ----------------------------------------------------------------------------
+# strategies (every draw labelled, so a failure prints a reproducible example)
+
+
+@st.composite
+def logits(draw, max_rows=4, max_vocab=48):
+    n = draw(st.integers(1, max_rows), label="rows")
+    v = draw(st.integers(2, max_vocab), label="vocab")
+    seed = draw(st.integers(0, 2 ** 31 - 1), label="seed")
+    scale = draw(st.sampled_from([0.1, 1.0, 3.0, 8.0]), label="logit scale")
+    z = torch.randn(n, v, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    if draw(st.booleans(), label="round logits (ties)"):
+        z = z.round()
+    return z
+
+
+@st.composite
+def thresholds(draw, max_k=8, zero=None):
+    k = draw(st.integers(1, max_k), label="K")
+    raw = draw(st.lists(st.floats(0, 1), min_size=k, max_size=k), label="tau")
+    if zero if zero is not None else draw(st.booleans(), label="include tau=0"):
+        raw = raw + [0.0]
+    tau = torch.tensor(sorted(set(raw)), dtype=torch.float32).unique()
+    w = torch.tensor(draw(st.lists(st.floats(0, 10), min_size=len(tau), max_size=len(tau)), label="w"))
+    if w.sum() == 0:
+        w[-1] = 1.0
+    return tau, w.float()
+
+
+def probs_of(z, dtype):
+    return torch.softmax(z, -1).to(dtype)
+
+
+# ============================================================================
+# Part A: properties, through impl
+
+# --- the transform
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(z=logits(), tw=thresholds())
+def test_probs_form_matches_float64(impl, dtype, z, tw):
+    """q = p c / sum p c, with tau_i <= r counted, bf16/fp16 inputs computed in fp32."""
+    p = probs_of(z, dtype)
+    p64 = p.double() / p.double().sum(-1, keepdim=True)
+    tau, w = off_boundary(p64 / p64.amax(-1, keepdim=True), *tw)
+    q = impl.minpp_probs(p, tau, w)
+    assert q.shape == p.shape
+    assert_close(q, minpp64(p64, tau, w), f"minpp_probs, input {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(z=logits(), tw=thresholds())
+def test_logits_form_matches_probs_form(impl, dtype, z, tw):
+    """softmax(minpp_logits(z)) == minpp_probs(softmax(z)); -inf exactly where c = 0."""
+    zd = z.to(dtype)
+    z64 = zd.double()
+    tau, w = off_boundary(torch.exp(z64 - z64.amax(-1, keepdim=True)), *tw)
+    out = impl.minpp_logits(zd, tau, w)
+    expected = minpp64(torch.softmax(z64, -1), tau, w)
+    assert torch.equal(torch.isneginf(out), expected == 0), "-inf must mark exactly the tokens with c = 0"
+    assert_close(torch.softmax(out.double(), -1), expected, f"minpp_logits, input {dtype}")
+    # the logits form keeps z where all thresholds pass (c = sum w): it adds log c, it does not renormalise
+    full = c64(torch.exp(z64 - z64.amax(-1, keepdim=True)), tau.double(), w.double())
+    assert_close(out.double()[full > 0], (z64 + full.log())[full > 0], "minpp_logits returns z + log c")
+
+
+@given(z=logits(), tw=thresholds(), alpha=st.floats(1e-3, 1e3))
+def test_weight_scale_invariance(impl, z, tw, alpha):
+    p = probs_of(z, torch.float32)
+    tau, w = off_boundary(p.double() / p.double().amax(-1, keepdim=True), *tw)
+    assert_close(impl.minpp_probs(p, tau, w * alpha), minpp64(p, tau, w), f"w -> {alpha} * w")
+
+
+@given(z=logits(), p_base=st.floats(0.0, 1.0))
+def test_single_threshold_is_min_p(impl, z, p_base):
+    p = probs_of(z, torch.float32)
+    tau, w = off_boundary(p.double() / p.double().amax(-1, keepdim=True), torch.tensor([p_base]), torch.ones(1))
+    q = impl.minpp_probs(p, tau, w)
+    p64 = p.double() / p.double().sum(-1, keepdim=True)
+    keep = p64 / p64.amax(-1, keepdim=True) >= tau.double()
+    assert_close(q, p64 * keep / (p64 * keep).sum(-1, keepdim=True), f"one threshold {tau.item()} == min-p")
+    if tau.item() == p_base and hasattr(impl._module, "apply_min_p"):
+        assert_close(q, impl.apply_min_p(p, p_base).double(), "minpp_probs vs apply_min_p")
+
+
+@given(z=logits(), w0=st.floats(1e-3, 1e3))
+def test_tau_zero_alone_is_identity(impl, z, w0):
+    p = probs_of(z, torch.float32)
+    assert_close(impl.minpp_probs(p, torch.zeros(1), torch.tensor([w0])), p.double() / p.double().sum(-1, keepdim=True))
+    lz = impl.minpp_logits(z.float(), torch.zeros(1), torch.tensor([w0]))
+    assert_close(torch.log_softmax(lz.double(), -1), torch.log_softmax(z.float().double(), -1))
+
+
+@given(z=logits(), tw=thresholds())
+def test_reweighting_is_monotone_in_r(impl, z, tw):
+    """q_v / p_v is non-decreasing in r_v (tokens with p_v = 0 excluded)."""
+    p = probs_of(z, torch.float32)
+    p64 = p.double() / p.double().sum(-1, keepdim=True)
+    tau, w = off_boundary(p64 / p64.amax(-1, keepdim=True), *tw)
+    q = impl.minpp_probs(p, tau, w).double()
+    for row_p, row_q in zip(p64, q):
+        keep = row_p > 0
+        order = torch.argsort(row_p[keep])
+        ratio = (row_q[keep] / row_p[keep])[order]
+        assert (ratio[1:] >= ratio[:-1] * (1 - 1e-5) - 1e-12).all(), f"q/p not monotone: {ratio.tolist()}"
+
+
+def test_boundary_r_equal_tau_counts_as_passed(impl):
+    """r == tau passes the threshold (dyadic values: every implementation computes r exactly)."""
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])
+    tau, w = torch.tensor([0.25, 0.5]), torch.tensor([1.0, 2.0])
+    # r = [1, .5, .25, .125, .125] -> c = [3, 3, 1, 0, 0]
+    c = torch.tensor([[3.0, 3.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert_close(impl.minpp_probs(p, tau, w), p.double() * c / (p.double() * c).sum())
+
+
+def test_tau_one_keeps_only_max_and_its_ties(impl):
+    z = torch.tensor([[2.0, 2.0, 1.0, -3.0], [0.0, 5.0, 4.999, 1.0]])
+    for out in (impl.minpp_probs(torch.softmax(z, -1), torch.tensor([1.0]), torch.ones(1)),
+                torch.softmax(impl.minpp_logits(z, torch.tensor([1.0]), torch.ones(1)).double(), -1)):
+        assert_close(out, torch.tensor([[0.5, 0.5, 0, 0], [0, 1.0, 0, 0]], dtype=torch.float64))
+    # with more thresholds, r = 1 gets all the weight: c(max) = sum w
+    out = impl.minpp_probs(torch.tensor([[0.5, 0.5]]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0]))
+    assert_close(out, torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+
+
+@given(v=st.integers(1, 64), value=st.floats(-50, 50), tw=thresholds())
+def test_all_equal_logits_all_survive(impl, v, value, tw):
+    z = torch.full((2, v), value)
+    uniform = torch.full((2, v), 1.0 / v, dtype=torch.float64)
+    assert_close(impl.minpp_probs(torch.softmax(z, -1), *tw), uniform)
+    assert_close(torch.softmax(impl.minpp_logits(z, *tw).double(), -1), uniform)
+
+
+def test_masked_tokens_stay_masked(impl):
+    z = torch.tensor([[1.0, float("-inf"), 0.5, float("-inf")]])
+    tau, w = torch.tensor([0.0, 0.5]), torch.tensor([1.0, 1.0])
+    out = impl.minpp_logits(z, tau, w)
+    assert torch.isneginf(out[0, [1, 3]]).all() and torch.isfinite(out[0, [0, 2]]).all()
+    q = impl.minpp_probs(torch.softmax(z, -1), tau, w)
+    assert (q[0, [1, 3]] == 0).all()
+
+
+@given(z=logits(), tw=thresholds(), T=st.floats(0.2, 5.0))
+def test_temperature_equals_tau_to_the_T(impl, z, tw, T):
+    """MinP+ on softmax(z / T) with tau == reweighting softmax(z / T) by c computed on z with tau ** T."""
+    z = z.float()
+    tau, w = tw
+    r = torch.exp(z.double() - z.double().amax(-1, keepdim=True))
+    tau_T = (tau.double() ** T).float()
+    tau, w = off_boundary(r ** (1 / T), tau, w)
+    assume((tau_T.diff() > 0).all())  # tau ** T must stay strictly increasing in float32
+    tau_T2, _ = off_boundary(r, tau_T, w.clone())
+    assume(tau_T2.numel() == tau_T.numel() and tau.numel() == tw[0].numel())  # no threshold on a boundary
+    lhs = impl.minpp_logits(z / T, tau, w)
+    logc = impl.minpp_logits(z, tau_T, w) - z
+    assert_close(torch.log_softmax(lhs.double(), -1).exp(), torch.softmax(z.double() / T + logc.double(), -1))
+
+
+@given(z=logits(), tw=thresholds(), k=st.integers(1, 8))
+def test_minpp_commutes_with_top_k(impl, z, tw, k):
+    p = probs_of(z, torch.float32)
+    tau, w = off_boundary(p.double() / p.double().amax(-1, keepdim=True), *tw)
+    a = impl.minpp_probs(impl.apply_top_k(p, k), tau, w)
+    b = impl.apply_top_k(impl.minpp_probs(p, tau, w), k)
+    assert_close(a, b.double(), "minpp(top_k(p)) vs top_k(minpp(p))")
+
+
+BAD_PARAMS = {
+    "unsorted tau": ([0.5, 0.1], [1.0, 1.0]),
+    "duplicate tau": ([0.1, 0.1], [1.0, 1.0]),
+    "tau > 1": ([0.1, 1.5], [1.0, 1.0]),
+    "tau < 0": ([-0.1, 0.5], [1.0, 1.0]),
+    "NaN tau": ([float("nan")], [1.0]),
+    "negative w": ([0.0, 0.5], [1.0, -0.1]),
+    "infinite w": ([0.0, 0.5], [1.0, float("inf")]),
+    "NaN w": ([0.0, 0.5], [float("nan"), 1.0]),
+    "all-zero w": ([0.0, 0.5], [0.0, 0.0]),
+    "length mismatch": ([0.0, 0.5], [1.0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PARAMS))
+@pytest.mark.parametrize("fn", ["minpp_probs", "minpp_logits", "minpp_loss"])
+def test_bad_thresholds_are_errors(impl, fn, case):
+    tau, w = (torch.tensor(x) for x in BAD_PARAMS[case])
+    z = torch.randn(3, 10)
+    args = {"minpp_probs": (torch.softmax(z, -1),), "minpp_logits": (z,), "minpp_loss": (z, torch.tensor([1, 2, 3]))}[fn]
+    with pytest.raises(ValueError):
+        getattr(impl, fn)(*args, tau, w)
+
+
+@pytest.mark.parametrize("row", [[float("nan"), 0.0, 1.0], [float("-inf")] * 3, [float("inf"), 0.0, 1.0]])
+def test_undefined_logit_rows_are_errors(impl, row):
+    z = torch.tensor([[0.0, 1.0, 2.0], row])
+    with pytest.raises(ValueError):
+        impl.minpp_logits(z, torch.tensor([0.0]), torch.ones(1))
+    with pytest.raises(ValueError):
+        impl.minpp_loss(z, torch.tensor([0, 1]), torch.tensor([0.0]), torch.ones(1))
+
+
+# --- the loss
+
+
+def loss64(z, target, tau, w, ignore_index=-100):
+    keep = target != ignore_index
+    q = minpp64(torch.softmax(z.double()[keep], -1), tau, w)
+    return -q.gather(1, target[keep, None]).log().mean()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(z=logits(max_rows=6), tw=thresholds(zero=True), seed=st.integers(0, 2 ** 31 - 1), T=st.sampled_from([1.0, 0.7]))
+def test_loss_is_minus_log_q_of_target(impl, dtype, z, tw, seed, T):
+    zd = (z / T).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, z.shape[1], (z.shape[0],), generator=g)
+    target[torch.rand(z.shape[0], generator=g) < 0.3] = -100
+    target[0] = 0  # at least one scored row
+    z64 = zd.double()
+    tau, w = off_boundary(torch.exp(z64 - z64.amax(-1, keepdim=True)), *tw)
+    loss = impl.minpp_loss(zd, target, tau, w)
+    expected = loss64(z64, target, tau, w)
+    assert not torch.isnan(loss)
+    if torch.isinf(expected):
+        assert loss.item() == math.inf
+    else:
+        assert_close(loss.reshape(()).float(), expected, f"minpp_loss, logits {dtype}")
+
+
+def test_loss_is_inf_not_nan_where_target_has_c_zero(impl):
+    z = torch.tensor([[3.0, 0.0, -4.0], [0.0, 1.0, 2.0]])
+    tau, w = torch.tensor([0.5]), torch.ones(1)  # token 2 of row 0 has r = e^-7 < 0.5: c = 0
+    with pytest.warns(UserWarning) if impl.name == "minpp_ref" else _nullcontext():
+        loss = impl.minpp_loss(z, torch.tensor([2, 2]), tau, w)
+    assert loss.item() == math.inf
+    finite = impl.minpp_loss(z, torch.tensor([0, 2]), tau, w)
+    assert math.isfinite(finite.item())
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("bad", [5, -1, -7])
+def test_loss_target_out_of_range_is_error(impl, bad):
+    z = torch.randn(2, 5)
+    with pytest.raises(ValueError):
+        impl.minpp_loss(z, torch.tensor([0, bad]), torch.tensor([0.0]), torch.ones(1))
+
+
+def test_loss_with_no_scored_target_is_error_not_nan(impl):
+    with pytest.raises(ValueError):
+        impl.minpp_loss(torch.randn(2, 5), torch.tensor([-100, -100]), torch.tensor([0.0]), torch.ones(1))
+
+
+@given(z=logits(max_rows=5), tw=thresholds(zero=True), seed=st.integers(0, 2 ** 31 - 1))
+def test_loss_gradient_is_the_analytic_one(impl, z, tw, seed):
+    """dL/dw_k = mean_n [ -1[tau_k <= r_t] / c_t + sum_j p_j 1[tau_k <= r_j] / sum_j p_j c_j ]."""
+    z = z.float()
+    r = torch.exp(z.double() - z.double().amax(-1, keepdim=True))
+    tau, w = off_boundary(r, *tw)
+    w = (w + 0.1).requires_grad_(True)  # all weights > 0 so every target is reachable
+    target = torch.randint(0, z.shape[1], (z.shape[0],), generator=torch.Generator().manual_seed(seed))
+    impl.minpp_loss(z, target, tau, w).backward()
+    p = torch.softmax(z.double(), -1)
+    passed = (tau.double()[None, None, :] <= r[..., None]).double()  # (N, V, K)
+    c = (passed * w.detach().double()).sum(-1)  # (N, V)
+    rows = torch.arange(z.shape[0])
+    grad = -passed[rows, target] / c[rows, target, None] + (p[..., None] * passed).sum(1) / (p * c).sum(1, keepdim=True)
+    torch.testing.assert_close(w.grad.double(), grad.mean(0), rtol=1e-4, atol=1e-6)
+
+
+# --- the classic samplers
+
+
+def check_renormalised(q, p64, kept):
+    assert torch.equal(q > 0, kept), "zero entries must be exactly the dropped tokens"
+    assert_close(q, p64 * kept / (p64 * kept).sum(-1, keepdim=True), "kept tokens renormalised")
+
+
+@given(z=logits(max_vocab=64), top_p=st.floats(1e-3, 1.0))
+def test_top_p_is_the_minimal_prefix(impl, z, top_p):
+    """Order-free: the argmax is kept, kept mass >= top_p, dropping the smallest kept value(s) goes below
+    top_p, every kept token >= every dropped one (MASS_SLACK at the mass boundary)."""
+    p = probs_of(z, torch.float32)
+    q = impl.apply_top_p(p, top_p)
+    p64 = p.double() / p.double().sum(-1, keepdim=True)
+    for row_p, row_q in zip(p64, q):
+        kept = row_q > 0
+        assert kept[row_p.argmax()]
+        assert row_p[kept].sum() >= top_p - MASS_SLACK
+        min_kept = row_p[kept].min()
+        assert row_p[kept & (row_p > min_kept)].sum() < top_p + MASS_SLACK, "not minimal"
+        if (~kept).any():
+            assert min_kept >= row_p[~kept].max()
+    check_renormalised(q, p64, q > 0)
+
+
+def test_top_p_keeps_the_boundary_token(impl):
+    q = impl.apply_top_p(torch.tensor([[0.4, 0.35, 0.25]]), 0.7)
+    assert_close(q, torch.tensor([[0.4 / 0.75, 0.35 / 0.75, 0.0]], dtype=torch.float64))
+    assert_close(impl.apply_top_p(torch.tensor([[0.4, 0.35, 0.25]]), 1.0), torch.tensor([[0.4, 0.35, 0.25]], dtype=torch.float64))
+
+
+@given(z=logits(max_vocab=64), k=st.integers(1, 70))
+def test_top_k_keeps_the_k_largest(impl, z, k):
+    """Tokens above the k-th largest kept, below it dropped, at least k kept; ties with the k-th either way."""
+    p = probs_of(z, torch.float32)
+    q = impl.apply_top_k(p, k)
+    p64 = p.double() / p.double().sum(-1, keepdim=True)
+    kth = torch.sort(p64, -1, descending=True).values[:, min(k, p.shape[1]) - 1:min(k, p.shape[1])]
+    kept = q > 0
+    assert kept[p64 > kth].all() and not kept[p64 < kth].any()
+    assert (kept.sum(-1) >= min(k, p.shape[1])).all()
+    check_renormalised(q, p64, kept)
+
+
+@given(z=logits(max_vocab=64), p_base=st.floats(0.0, 1.0))
+def test_min_p_keeps_ratio_at_least_p_base(impl, z, p_base):
+    p = probs_of(z, torch.float32)
+    q = impl.apply_min_p(p, p_base)
+    p64 = p.double() / p.double().sum(-1, keepdim=True)
+    r = p64 / p64.amax(-1, keepdim=True)
+    kept = q > 0
+    sure = (r - p_base).abs() > 1e-6 * max(p_base, 1e-30)
+    assert torch.equal(kept[sure], (r >= p_base)[sure]), "kept set differs from r >= p_base"
+    check_renormalised(q, p64, kept)
+
+
+def test_min_p_keeps_the_boundary_token(impl):
+    q = impl.apply_min_p(torch.tensor([[0.5, 0.25, 0.125, 0.125]]), 0.5)
+    assert_close(q, torch.tensor([[2 / 3, 1 / 3, 0, 0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fn,value", [("apply_top_p", 0.0), ("apply_top_p", 1.5), ("apply_top_p", -0.1),
+                                      ("apply_top_k", 0), ("apply_top_k", -3), ("apply_min_p", -0.1),
+                                      ("apply_min_p", 1.5)])
+def test_bad_sampler_parameters_are_errors(impl, fn, value):
+    with pytest.raises(ValueError):
+        getattr(impl, fn)(torch.softmax(torch.randn(2, 6), -1), value)
+
+
+@pytest.mark.parametrize("T", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature_is_error(impl, T):
+    with pytest.raises(ValueError):
+        impl.next_token_probs(torch.randn(2, 6), temperature=T)
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 3}, {"top_p": 0.8}, {"min_p": 0.2},
+                                     {"minpp": (torch.tensor([0.0, 0.1, 0.5]), torch.tensor([0.2, 1.0, 2.0]))}])
+def test_draws_follow_the_distribution(impl, filters):
+    """20k draws: every draw inside the mask; total-variation distance to q below 0.03 (3x its
+    expected value ~ sqrt(V / (2 pi n)) for V = 12)."""
+    z = torch.randn(1, 12, generator=torch.Generator().manual_seed(1)) * 2
+    q = impl.next_token_probs(z, temperature=0.8, **filters)[0].double()
+    g = torch.Generator().manual_seed(2)
+    draws = torch.stack([impl.next_token(z, do_sample=True, generator=g, temperature=0.8, **filters) for _ in range(2000)])
+    draws = torch.cat([draws.reshape(-1)] + [impl.next_token(z.expand(100, -1), generator=g, temperature=0.8, **filters)
+                                              for _ in range(180)])
+    freq = torch.bincount(draws, minlength=12).double() / draws.numel()
+    assert (q[draws] > 0).all(), "a draw fell outside the mask"
+    assert 0.5 * (freq - q).abs().sum() < 0.03
+
+
+def test_order_of_combined_filters_is_transformers(impl):
+    """p = [.5, .3, .15, .05], min_p = .2, top_p = .83: top-p first keeps 3 tokens then min-p keeps 3;
+    (vLLM's min-p first would keep 2). Temperature 1 on log p."""
+    z = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    q = impl.next_token_probs(z, top_p=0.83, min_p=0.2)
+    assert_close(q, torch.tensor([[0.5, 0.3, 0.15, 0]], dtype=torch.float64) / 0.95)
+
+
+# ============================================================================
+# Part B: reference-only machinery (minpp_ref itself)
+
+import minpp_ref as ref  # noqa: E402
+
+
+def _minp_data(n=4000, V=50, p_base=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, V, generator=g) * 2.5
+    return z, ref.minp_targets(z, p_base, g)
+
+
+def test_head_learns_min_p_threshold():
+    """Targets from min-p(0.1): the trained head puts most weight on thresholds in [0.05, 0.1] (the grid
+    points just below p_base) and beats the base CE."""
+    z, t = _minp_data()
+    head = ref.MinPPlusHead(K=16, grid="log", tau_min=1e-3)
+    ref.train_head(head, z, t, steps=300, lr=0.2)
+    share = (head.w / head.w.sum()).detach()
+    near = (head.tau >= 0.05) & (head.tau <= 0.1)
+    d = ref.head_diagnostics(head, z, t)
+    assert share[near].sum() > 0.6, dict(zip(head.tau.tolist(), share.tolist()))
+    assert d["minpp_ce"] < d["base_ce"] - 0.1, d
+
+
+@pytest.mark.parametrize("kind", ["entropy", "l1"])
+def test_regulariser_direction(kind):
+    """entropy: lam > 0 sharpens (lower H(pi)) and lam < 0 smooths; l1: lam > 0 shrinks sum(w)."""
+    z, t = _minp_data(n=1000)
+    stat = ref.weight_entropy if kind == "entropy" else (lambda w: w.sum())
+    out = {}
+    for lam in (-0.5, 0.0, 0.5):
+        head = ref.MinPPlusHead(K=8)
+        ref.train_head(head, z, t, steps=300, lr=0.1, reg=kind, lam=lam)
+        out[lam] = stat(head.w).item()
+    assert out[0.5] < out[0.0] < out[-0.5], out
+
+
+def test_grid_contains_zero_and_tau_is_saved(tmp_path):
+    for grid in ("log", "linear"):
+        head = ref.MinPPlusHead(K=8, grid=grid)
+        assert head.tau[0] == 0 and head.tau[-1] == 1 and (head.tau.diff() > 0).all()
+        assert "tau" in head.state_dict()
+    head = ref.MinPPlusHead(K=6, grid="log", tau_min=0.01)
+    with torch.no_grad():
+        head.theta.copy_(torch.tensor([-9.0, -9.0, 2.0, 0.5, -9.0, -9.0]))
+    head.save(tmp_path / "head.safetensors")
+    back = ref.MinPPlusHead.load(tmp_path / "head.safetensors")
+    assert torch.equal(back.tau, head.tau) and torch.equal(back.theta, head.theta)
+    head.export_jsonl(tmp_path / "head.jsonl")
+    import json
+    rows = [json.loads(x) for x in open(tmp_path / "head.jsonl")]
+    assert [r["tau"] for r in rows] == head.tau[2:4].tolist()
+
+
+def test_minpp_loss_chunking_does_not_change_it():
+    z, t = _minp_data(n=300)
+    tau, w = ref.threshold_grid(8), torch.rand(8) + 0.1
+    a = ref.minpp_loss(z, t, tau, w, chunk_rows=7)
+    b = ref.minpp_loss(z, t, tau, w, chunk_rows=4096)
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_input_messages_say_where():
+    with pytest.raises(ValueError, match=r"tau\[0\] = 0.5 >= tau\[1\]"):
+        ref.minpp_probs(torch.ones(1, 3), torch.tensor([0.5, 0.1]), torch.ones(2))
+    with pytest.raises(ValueError, match=r"w\[1\]"):
+        ref.minpp_probs(torch.ones(1, 3), torch.tensor([0.0, 0.5]), torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match=r"target\[1\] = 9"):
+        ref.minpp_loss(torch.randn(2, 5), torch.tensor([0, 9]), torch.tensor([0.0]), torch.ones(1))
+    with pytest.raises(ValueError, match=r"row \[1\]"):
+        ref.minpp_logits(torch.tensor([[0.0, 1.0], [float("-inf")] * 2]), torch.tensor([0.0]), torch.ones(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_greedy_is_argmax_for_every_method(tiny_lm):
+    prompt = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    base = ref.generate(tiny_lm, prompt, 8, method="greedy")
+    manual = prompt.clone()
+    for _ in range(8):
+        manual = torch.cat([manual, tiny_lm(manual).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert base == manual[:, 5:].tolist()
+    for method, kw in [("top_k", {"top_k": 3}), ("top_p", {"top_p": 0.5}), ("min_p", {"min_p": 0.3}),
+                       ("minpp", {"minpp": (torch.tensor([0.0, 0.3]), torch.tensor([0.1, 1.0]))})]:
+        assert ref.generate(tiny_lm, prompt, 8, method=method, do_sample=False, **kw) == base, method
+
+
+def test_max_new_tokens_zero_and_stop_strings(tiny_lm):
+    prompt = torch.randint(0, 40, (1, 5), generator=torch.Generator().manual_seed(0))
+    assert ref.generate(tiny_lm, prompt, 0) == [[]]
+    full = ref.generate(tiny_lm, prompt, 10, method="greedy")[0]
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    stop = decode(full[3:5])
+    calls.clear()
+    out = ref.generate(tiny_lm, prompt, 10, method="greedy", stop_strings=[stop], decode=decode)[0]
+    first = next(i for i in range(2, 11) if decode(full[:i]).endswith(stop))
+    assert out == full[:first]
+    assert max(calls[:-1]) <= len(stop), "stop strings must not decode the whole sequence"
+    eos = full[2]
+    assert ref.generate(tiny_lm, prompt, 10, method="greedy", eos_token_id=eos)[0] == full[:full.index(eos) + 1]
+
+
+def test_generate_rejects_bad_methods(tiny_lm):
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="top_p"):
+        ref.generate(tiny_lm, prompt, 3, method="top_p")
+    with pytest.raises(ValueError, match="method"):
+        ref.generate(tiny_lm, prompt, 3, method="nucleus")
+
+
+def test_logits_processor_matches_min_p_warper_inside_generate(tiny_lm):
+    from transformers import MinPLogitsWarper
+
+    scores = torch.randn(4, 40, generator=torch.Generator().manual_seed(3)) * 3
+    ours = ref.minpp_logits_processor(torch.tensor([0.1]), torch.ones(1))(None, scores)
+    theirs = MinPLogitsWarper(0.1)(None, scores)
+    assert torch.equal(ours, theirs)
+    prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(0))
+    common = dict(max_new_tokens=12, do_sample=True, top_k=0, top_p=1.0, pad_token_id=0)
+    torch.manual_seed(5)
+    a = tiny_lm.generate(prompt, logits_processor=[ref.minpp_logits_processor(torch.tensor([0.1]), torch.ones(1))], **common)
+    torch.manual_seed(5)
+    b = tiny_lm.generate(prompt, min_p=0.1, **common)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pred,gold,same", [
+    ("so #### 8", "#### 8.0", True), ("#### 1,000", "#### 1000", True), ("#### 007", "#### 7", True),
+    ("#### $12", "#### 12", True), ("#### -3.50", "#### -3.5", True), ("#### 8", "#### 9", False),
+    ("no answer", "#### 9", False), ("#### 1 then #### 2", "#### 2", True)])
+def test_gsm8k_numeric_comparison(pred, gold, same):
+    assert ref.answers_match(pred, gold) is same
