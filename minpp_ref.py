@@ -328,15 +328,16 @@ def answer_logits(model, input_ids, labels, attention_mask=None):
     return logits[keep].float(), tgt[keep]
 
 
-def head_diagnostics(head, logits, target):
-    """Base CE vs MinP+ CE, mean fraction of the vocabulary with c > 0, H(pi), number of active thresholds."""
+def head_diagnostics(head, logits, target, min_share=1e-3):
+    """Base CE vs MinP+ CE, H(pi), the number of active thresholds (weight share >= min_share) and the mean
+    fraction of the vocabulary they keep (c > 0): what sampling with the pruned head would keep."""
     with torch.no_grad():
-        lq = head.forward_logits(logits)
+        tau, w = head.active(min_share)
         return {"base_ce": F.cross_entropy(logits.float(), target).item(),
-                "minpp_ce": F.cross_entropy(lq, target).item(),
-                "kept_fraction": torch.isfinite(lq).float().mean().item(),
+                "minpp_ce": F.cross_entropy(head.forward_logits(logits), target).item(),
                 "weight_entropy": weight_entropy(head.w).item(),
-                "active": int(head.active()[0].numel())}
+                "active": int(tau.numel()),
+                "kept_fraction": torch.isfinite(minpp_logits(logits, tau, w)).float().mean().item()}
 
 
 def train_head(head, logits, target, steps=300, lr=0.1, reg="entropy", lam=0.0, temperature=1.0, log_every=0):
@@ -462,8 +463,8 @@ def demo(p_base=0.1, seed=0):
                       initializer_range=0.2)  # a wide init gives peaked next-token distributions
     model = LlamaForCausalLM(cfg).eval()
     # synthetic answers: continue random prompts with tokens from min-p(p_base) of the frozen model
-    prompts = torch.randint(0, 96, (64, 8), generator=g)
-    seqs = torch.tensor(generate(model, prompts, 16, method="min_p", min_p=p_base, generator=g))
+    prompts = torch.randint(0, 96, (128, 8), generator=g)
+    seqs = torch.tensor(generate(model, prompts, 24, method="min_p", min_p=p_base, generator=g))
     ids = torch.cat([prompts, seqs], 1)
     labels = ids.clone()
     labels[:, :8] = -100  # the prompt does not count
@@ -473,6 +474,8 @@ def demo(p_base=0.1, seed=0):
     print("before:", head_diagnostics(head, logits, target))
     train_head(head, logits, target, steps=300, lr=0.2)
     print("after: ", head_diagnostics(head, logits, target))
+    oracle = F.cross_entropy(torch.log(apply_min_p(torch.softmax(logits, -1), p_base)), target).item()
+    print(f"CE of the true min-p({p_base}) distribution: {oracle:.4f}")
     share = (head.w / head.w.sum()).detach()
     print("threshold  weight share")
     for t, s in zip(head.tau.tolist(), share.tolist()):

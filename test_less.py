@@ -150,6 +150,13 @@ def test_projection_agrees_with_the_reference(impl):
 
     x = torch.randn(3, 777)
     assert_projections_close(impl.project(x, 300, seed=12345), less_ref.project(x, 300, seed=12345), x, 300)
+    # a long, sparse input: rows far apart, whatever block size the candidate uses internally
+    D = 2 ** 20 + 3
+    idx = torch.tensor([0, 1, 2 ** 16 + 1, 2 ** 19 - 1, 2 ** 19, D - 1])
+    x = torch.zeros(2, D)
+    x[0, idx] = torch.arange(1.0, 7.0)
+    x[1, idx[-1]] = 1.0
+    assert_projections_close(impl.project(x, 16, seed=3), less_ref.project(x, 16, seed=3), x, 16)
 
 
 def test_projection_is_the_same_on_cuda(impl, device):

@@ -74,7 +74,8 @@ def thresholds(draw, max_k=8, zero=None):
     if zero if zero is not None else draw(st.booleans(), label="include tau=0"):
         raw = raw + [0.0]
     tau = torch.tensor(sorted(set(raw)), dtype=torch.float32).unique()
-    w = torch.tensor(draw(st.lists(st.floats(0, 10), min_size=len(tau), max_size=len(tau)), label="w"))
+    weight = st.one_of(st.just(0.0), st.floats(1e-6, 10))  # no float32 subnormals: they are not weights
+    w = torch.tensor(draw(st.lists(weight, min_size=len(tau), max_size=len(tau)), label="w"))
     if w.sum() == 0:
         w[-1] = 1.0
     return tau, w.float()
@@ -325,7 +326,8 @@ def test_loss_gradient_is_the_analytic_one(impl, z, tw, seed):
     c = (passed * w.detach().double()).sum(-1)  # (N, V)
     rows = torch.arange(z.shape[0])
     grad = -passed[rows, target] / c[rows, target, None] + (p[..., None] * passed).sum(1) / (p * c).sum(1, keepdim=True)
-    torch.testing.assert_close(w.grad.double(), grad.mean(0), rtol=1e-4, atol=1e-6)
+    scale = (1 / c[rows, target]).mean().item()  # size of the two terms that cancel (scale invariance)
+    torch.testing.assert_close(w.grad.double(), grad.mean(0), rtol=1e-4, atol=1e-5 * scale)
 
 
 # --- the classic samplers
@@ -345,7 +347,7 @@ def test_top_p_is_the_minimal_prefix(impl, z, top_p):
     p64 = p.double() / p.double().sum(-1, keepdim=True)
     for row_p, row_q in zip(p64, q):
         kept = row_q > 0
-        assert kept[row_p.argmax()]
+        assert row_p[kept].max() == row_p.max(), "a most likely token must be kept"
         assert row_p[kept].sum() >= top_p - MASS_SLACK
         min_kept = row_p[kept].min()
         assert row_p[kept & (row_p > min_kept)].sum() < top_p + MASS_SLACK, "not minimal"
