@@ -354,48 +354,98 @@ def load_features(path):
     return feats, meta["ids"], meta["identity"]
 
 
-def _chunk_path(out_dir, i):
-    return os.path.join(out_dir, f"chunk_{i:06d}.safetensors")
+def _world():
+    """(rank, world size) under an initialised torch.distributed process group (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(rank, world, error):
+    """Every rank learns whether any rank failed a check, so no rank is left waiting at a barrier."""
+    if world == 1:
+        if error:
+            raise ValueError(error)
+        return
+    import torch.distributed as dist
+
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        raise ValueError(f"rank {bad[0][0]}: {bad[0][1]}")
+
+
+def shard_positions(n, rank, world):
+    """DistributedSampler's split (shuffle=False): positions padded to a multiple of world by repeating from
+    the start, rank r taking r, r + world, ... The merge drops the repeats."""
+    total = -(-n // world) * world
+    return [i % n for i in range(rank, total, world)]
+
+
+def _shard_dir(out_dir, rank, world):
+    return os.path.join(out_dir, f"shard-{rank:03d}-of-{world:03d}")
+
+
+def _chunk_path(shard_dir, i):
+    return os.path.join(shard_dir, f"chunk_{i:06d}.safetensors")
+
+
+def _check_identity(out_dir, identity):
+    """None if out_dir is new (identity.json is written) or holds this identity; else what changed."""
+    id_path = os.path.join(out_dir, "identity.json")
+    if not os.path.exists(id_path):
+        os.makedirs(out_dir, exist_ok=True)
+        with open(id_path + ".tmp", "w") as f:
+            json.dump(identity, f)
+        os.replace(id_path + ".tmp", id_path)
+        return None
+    with open(id_path) as f:
+        old = json.load(f)
+    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if diff:
+        return (f"{out_dir} holds features of another configuration "
+                f"({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); use a new directory or delete it")
+    return None
 
 
 def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state=None, proj_dim=8192, seed=0,
-                     checkpoint="", chunk_size=160, batch_size=8, method="vmap", progress=True):
+                     checkpoint="", chunk_size=160, batch_size=8, method="vmap", progress=True, merge=True):
     """Per-example features of `examples` (dicts with 'id', 'input_ids', 'labels'), projected, written to
-    out_dir as chunk files of chunk_size rows (features + ids + identity), each atomically.
+    out_dir/shard-RRR-of-WWW/ as chunk files of chunk_size rows (features + positions + ids + identity),
+    each written atomically; then (merge=True) merged by rank 0 into out_dir/features.safetensors.
 
-    Re-running with the same arguments resumes: finished chunks are kept, not recomputed. Any change of
-    model, checkpoint, optimizer state, projection, gradient type or data is refused with a clear error.
-    Non-finite gradients are an error naming the sample id. Returns the number of chunks."""
+    Under torch.distributed (torchrun; gloo or nccl; out_dir on a shared filesystem) rank r takes its
+    DistributedSampler shard. Re-running with the same arguments resumes: finished chunks are kept, not
+    recomputed. A change of model, checkpoint, optimizer state, projection, gradient type, data or world size
+    is refused with a clear error. Non-finite gradients are an error naming the sample id."""
+    rank, world = _world()
     examples = list(examples)
     check_examples(examples)
     adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
     D = sum(p.numel() for _, p in trainable_parameters(model))
     identity = dict(projection_identity(D, proj_dim, seed), grad_type=grad_type, checkpoint=str(checkpoint),
-                    model=model_fingerprint(model), data=data_fingerprint(examples), chunk_size=chunk_size,
+                    model=model_fingerprint(model), data=data_fingerprint(examples), n_examples=len(examples),
+                    chunk_size=chunk_size, world_size=world,
                     optimizer=None if adam is None else f"{adam[0].double().sum().item():.10e}|{adam[1].double().sum().item():.10e}")
-    os.makedirs(out_dir, exist_ok=True)
-    id_path = os.path.join(out_dir, "identity.json")
-    if os.path.exists(id_path):
-        with open(id_path) as f:
-            old = json.load(f)
-        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-        if diff:
-            raise ValueError(f"{out_dir} holds features of another configuration ({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); "
-                             "use a new directory or delete it")
-    else:
-        with open(id_path + ".tmp", "w") as f:
-            json.dump(identity, f)
-        os.replace(id_path + ".tmp", id_path)
-    n_chunks = (len(examples) + chunk_size - 1) // chunk_size
-    todo = [c for c in range(n_chunks) if not os.path.exists(_chunk_path(out_dir, c))]
+    _agree(rank, world, _check_identity(out_dir, identity) if rank == 0 else None)  # rank 0 writes or checks it
+    if world > 1:  # then every other rank must have the same configuration (same data, model, ...)
+        _agree(rank, world, _check_identity(out_dir, identity) if rank else None)
+    positions = shard_positions(len(examples), rank, world)
+    shard = _shard_dir(out_dir, rank, world)
+    os.makedirs(shard, exist_ok=True)
+    chunks = [positions[i:i + chunk_size] for i in range(0, len(positions), chunk_size)]
+    todo = [c for c in range(len(chunks)) if not os.path.exists(_chunk_path(shard, c))]
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(examples), initial=len(examples) - sum(len(examples[c * chunk_size:(c + 1) * chunk_size]) for c in todo),
-                   desc=f"{grad_type} features {checkpoint}")
+        bar = tqdm(total=len(positions), initial=len(positions) - sum(len(chunks[c]) for c in todo),
+                   desc=f"rank {rank}: {grad_type} features {checkpoint}", position=rank)
     for c in todo:
-        chunk = examples[c * chunk_size:(c + 1) * chunk_size]
+        chunk = [examples[i] for i in chunks[c]]
         rows = []
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b:b + batch_size]
@@ -407,31 +457,61 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
             rows.append(project(gradient_features(g, grad_type, adam), proj_dim, seed))
             if bar:
                 bar.update(len(batch))
-        _write_atomic({"features": torch.cat(rows).cpu().contiguous()},
-                      {"ids": [ex["id"] for ex in chunk], "identity": identity}, _chunk_path(out_dir, c))
+        _write_atomic({"features": torch.cat(rows).cpu().contiguous(), "positions": torch.tensor(chunks[c])},
+                      {"ids": [ex["id"] for ex in chunk], "identity": identity}, _chunk_path(shard, c))
     if bar:
         bar.close()
-    return n_chunks
+    if not merge:
+        return None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    _agree(rank, world, _try(merge_features, out_dir) if rank == 0 else None)
+    return os.path.join(out_dir, "features.safetensors")
+
+
+def _try(fn, *args):
+    try:
+        fn(*args)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def merge_features(out_dir):
-    """Concatenate out_dir's chunks in order, L2-normalise each row, write features.safetensors beside them.
-    Returns (features, ids, identity); refuses missing chunks or chunks of another identity."""
+    """Put every shard's rows back in dataset order, drop the padding repeats, L2-normalise each row, and
+    write out_dir/features.safetensors. Refuses a missing rank or chunk, a chunk of another identity, rows in
+    the wrong place and two different rows for one id. Returns (features, ids, identity)."""
     with open(os.path.join(out_dir, "identity.json")) as f:
         identity = json.load(f)
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith("chunk_") and n.endswith(".safetensors"))
-    expected = [os.path.basename(_chunk_path(out_dir, i)) for i in range(len(names))]
-    if names != expected:
-        raise ValueError(f"{out_dir}: chunks are not contiguous (missing {sorted(set(expected) - set(names))[:5]}): "
-                         "finish the collection before merging")
-    feats, ids = [], []
-    for n in names:
-        x, i, ident = load_features(os.path.join(out_dir, n))
-        if ident != identity:
-            raise ValueError(f"{out_dir}/{n} was written by another configuration than identity.json")
-        feats.append(x)
-        ids += i
-    feats = _normalise_rows(torch.cat(feats), f"{out_dir} feature")
+    n, world = identity["n_examples"], identity["world_size"]
+    feats, ids, filled = torch.zeros(n, identity["proj_dim"]), [None] * n, torch.zeros(n, dtype=torch.bool)
+    for rank in range(world):
+        shard = _shard_dir(out_dir, rank, world)
+        if not os.path.isdir(shard):
+            raise ValueError(f"{out_dir}: rank {rank} of {world} wrote nothing ({shard} is missing)")
+        positions = shard_positions(n, rank, world)
+        for c, start in enumerate(range(0, len(positions), identity["chunk_size"])):
+            path = _chunk_path(shard, c)
+            if not os.path.exists(path):
+                raise ValueError(f"{out_dir}: rank {rank} has not finished (no {os.path.basename(path)}); resume the collection")
+            x, chunk_ids, ident = load_features(path)
+            if ident != identity:
+                raise ValueError(f"{path} was written by another configuration than {out_dir}/identity.json")
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                pos = f.get_tensor("positions").tolist()
+            if pos != positions[start:start + identity["chunk_size"]]:
+                raise ValueError(f"{path} holds positions {pos[:5]}..., not rank {rank}'s shard")
+            for row, i, sid in zip(x, pos, chunk_ids):
+                if filled[i]:
+                    if sid != ids[i] or not torch.allclose(row / row.norm(), feats[i] / feats[i].norm(), atol=1e-4):
+                        raise ValueError(f"{out_dir}: two different rows for sample id {sid!r} (position {i})")
+                    continue
+                feats[i], ids[i], filled[i] = row, sid, True
+    feats = _normalise_rows(feats, f"{out_dir} feature")
     _write_atomic({"features": feats.contiguous()}, {"ids": ids, "identity": identity},
                   os.path.join(out_dir, "features.safetensors"))
     validate_features(os.path.join(out_dir, "features.safetensors"))
@@ -468,6 +548,53 @@ def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
         train.append(t)
         val.append(v)
     return influence_scores(train, val, checkpoint_weights, n_subtasks), ids
+
+
+# ----------------------------------------------------------------------------
+# dynamic selection during training (DataFlex's schedule)
+
+
+def flex_plan(warmup_step, update_step, update_times):
+    """One flex cycle: steps [0, warmup_step) train on a random subset; at step warmup_step + j * update_step
+    (j < update_times) re-select with the current model and optimizer, then train update_step steps on the
+    selection. Returns (selection steps, cycle length = warmup_step + update_step * update_times)."""
+    for name, v in (("warmup_step", warmup_step), ("update_step", update_step), ("update_times", update_times)):
+        if int(v) != v or v < (0 if name == "warmup_step" else 1):
+            raise ValueError(f"{name} must be a whole number >= {0 if name == 'warmup_step' else 1}, got {v}")
+    return [warmup_step + j * update_step for j in range(update_times)], warmup_step + update_step * update_times
+
+
+def select_step(model, optimizer, pool, val, n_select, proj_dim=8192, seed=0, batch_size=8, method="vmap"):
+    """Indices (long tensor, descending score) of the n_select pool examples whose Adam features (live
+    optimizer moments, current weights) align best on average with the validation gradients -- DataFlex's
+    score: one checkpoint, mean over validation examples. n_select = total_train_batch_size * update_step.
+
+    Under torch.distributed each rank scores pool[r::world]; rank 0 decides and broadcasts, so ranks never
+    disagree."""
+    rank, world = _world()
+    adam = adam_state(model, optimizer)
+
+    def feats(examples, grad_type):
+        rows = [project(gradient_features(example_gradients(model, examples[b:b + batch_size], method), grad_type, adam),
+                        proj_dim, seed) for b in range(0, len(examples), batch_size)]
+        return torch.cat(rows) if rows else torch.zeros(0, proj_dim)
+
+    mine = list(range(rank, len(pool), world))
+    v = feats(val, "sgd")
+    local = influence_scores(feats([pool[i] for i in mine], "adam"), v).cpu() if mine else torch.zeros(0)
+    scores = torch.full((len(pool),), float("nan"))
+    scores[mine] = local
+    if world == 1:
+        return select_top(scores, k=n_select)
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, (mine, local))
+    for idx, sc in parts:
+        scores[idx] = sc
+    chosen = [select_top(scores, k=n_select) if rank == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 # ----------------------------------------------------------------------------

@@ -398,9 +398,9 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(tmp_path, mon
     monkeypatch.setattr(ref, "example_gradients", failing)
     with pytest.raises(KeyboardInterrupt):
         _collect(model, ex, tmp_path / "run")
-    done = sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("chunk_"))
-    assert done == ["chunk_000000.safetensors", "chunk_000001.safetensors"]
-    (tmp_path / "run" / "chunk_000002.safetensors.tmp999").write_bytes(b"half a file")  # a torn write
+    shard = tmp_path / "run" / "shard-000-of-001"
+    assert sorted(os.listdir(shard)) == ["chunk_000000.safetensors", "chunk_000001.safetensors"]
+    (shard / "chunk_000002.safetensors.tmp999").write_bytes(b"half a file")  # a torn write
     monkeypatch.setattr(ref, "example_gradients", real)
     calls.clear()
     monkeypatch.setattr(ref, "example_gradients", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -472,3 +472,184 @@ def test_demo_selects_the_validation_task(tmp_path):
     Seeds 0-3 gave 20, 14, 17, 15; random selection gives 2 on average and >= 10 with probability < 1e-5."""
     hit, n = ref.demo(str(tmp_path))
     assert n == 20 and hit >= 10, hit
+
+
+# ============================================================================
+# Part C: sharded collection, resume across ranks, dynamic selection (reference-only; gloo on CPU)
+
+
+def _fake_rank(monkeypatch, rank, world):
+    """Run one rank's share in this process: the shard files are exactly what that rank would write."""
+    agree = ref._agree
+    monkeypatch.setattr(ref, "_world", lambda: (rank, world))
+    monkeypatch.setattr(ref, "_agree", lambda r, w, error: agree(0, 1, error))
+
+
+def _sharded(tmp_path, monkeypatch, ex, world, name="s"):
+    model = _lm()
+    for rank in range(world):
+        _fake_rank(monkeypatch, rank, world)
+        _collect(model, ex, tmp_path / name, merge=False, chunk_size=2)
+    monkeypatch.undo()
+    return tmp_path / name
+
+
+def test_shard_positions_pad_like_distributed_sampler():
+    assert [ref.shard_positions(7, r, 3) for r in range(3)] == [[0, 3, 6], [1, 4, 0], [2, 5, 1]]
+    from torch.utils.data import DistributedSampler
+
+    for n, world in ((7, 3), (10, 4), (5, 5), (3, 4)):
+        for r in range(world):
+            sampler = DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)
+            assert ref.shard_positions(n, r, world) == list(sampler)
+
+
+def test_merge_restores_order_and_drops_padding(tmp_path, monkeypatch):
+    ex = _examples(7)
+    _collect(_lm(), ex, tmp_path / "single")
+    single = ref.merge_features(str(tmp_path / "single"))
+    for world in (2, 3):
+        out = _sharded(tmp_path, monkeypatch, ex, world, f"w{world}")
+        feats, ids, _ = ref.merge_features(str(out))
+        assert ids == single[1]
+        torch.testing.assert_close(feats, single[0], rtol=1e-4, atol=1e-6)
+
+
+def test_merge_refuses_missing_rank_conflicts_and_foreign_chunks(tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    ex = _examples(7)
+    out = _sharded(tmp_path, monkeypatch, ex, 2)
+    last = out / "shard-001-of-002" / "chunk_000001.safetensors"  # positions [5, 0]: 0 is the padding repeat
+    original = last.read_bytes()
+    feats, ids, identity = ref.load_features(last)
+    pos = load_file(str(last))["positions"]
+    assert pos.tolist() == [5, 0]
+    ref._write_atomic({"features": feats * torch.tensor([[1.0], [-1.0]]), "positions": pos},
+                      {"ids": ids, "identity": identity}, str(last))
+    with pytest.raises(ValueError, match="two different rows for sample id 'ex0'"):
+        ref.merge_features(str(out))
+    ref._write_atomic({"features": feats, "positions": pos}, {"ids": ids, "identity": dict(identity, seed=99)}, str(last))
+    with pytest.raises(ValueError, match="another configuration"):
+        ref.merge_features(str(out))
+    last.write_bytes(original)
+    ref.merge_features(str(out))
+    last.unlink()
+    with pytest.raises(ValueError, match="rank 1 has not finished"):
+        ref.merge_features(str(out))
+    shutil.rmtree(out / "shard-001-of-002")
+    with pytest.raises(ValueError, match="rank 1 of 2 wrote nothing"):
+        ref.merge_features(str(out))
+
+
+def _dist_worker(rank, world, init_file, job, out_dir, n, result_file):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        model, ex = _lm(), _examples(n)
+        if job == "collect-crash" and rank == 1:
+            real = ref.example_gradients
+            calls = []
+
+            def dying(*a, **k):
+                calls.append(1)
+                if len(calls) == 3:  # chunk 0 (positions 1 3 5 7) took 2 batches: die in chunk 1
+                    os._exit(3)  # the process dies: no cleanup, no exception handling
+                return real(*a, **k)
+
+            ref.example_gradients = dying
+        if job.startswith("collect"):
+            _collect(model, ex, out_dir)
+        elif job == "select":
+            opt = ref.trainer_optimizer(model, lr=1e-2)
+            _step(model, opt)
+            chosen = ref.select_step(model, opt, ex, _examples(3, seed=7, prefix="val"), n_select=4, proj_dim=64)
+            with open(f"{result_file}.{rank}", "w") as f:
+                json.dump(chosen.tolist(), f)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+
+
+def _spawn(tmp_path, world, job, out_dir=None, n=9, tag=""):
+    import torch.multiprocessing as mp
+
+    init = tmp_path / f"init-{job}-{world}-{tag}"
+    result = tmp_path / f"result-{job}-{world}"
+    mp.spawn(_dist_worker, args=(world, str(init), job, str(out_dir), n, str(result)), nprocs=world, join=True)
+    return result
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_torchrun_style_collection_equals_single_process(tmp_path, world):
+    ex = _examples(9)
+    _collect(_lm(), ex, tmp_path / "single")
+    single = ref.load_features(tmp_path / "single" / "features.safetensors")
+    _spawn(tmp_path, world, "collect", tmp_path / "multi")
+    feats, ids, identity = ref.load_features(tmp_path / "multi" / "features.safetensors")
+    assert ids == single[1] and identity["world_size"] == world
+    torch.testing.assert_close(feats, single[0], rtol=1e-4, atol=1e-6)
+
+
+def test_dead_rank_then_resume_equals_clean_run(tmp_path):
+    import torch.multiprocessing as mp
+
+    ex = _examples(9)
+    _collect(_lm(), ex, tmp_path / "single")
+    single = ref.load_features(tmp_path / "single" / "features.safetensors")
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+        _spawn(tmp_path, 2, "collect-crash", tmp_path / "multi", tag="crash")
+    assert not (tmp_path / "multi" / "features.safetensors").exists()
+    assert len(os.listdir(tmp_path / "multi" / "shard-001-of-002")) == 1, "rank 1 died in its 2nd chunk"
+    _spawn(tmp_path, 2, "collect", tmp_path / "multi", tag="resume")
+    feats, ids, _ = ref.load_features(tmp_path / "multi" / "features.safetensors")
+    assert ids == single[1]
+    torch.testing.assert_close(feats, single[0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="world_size"):  # another world size is another configuration
+        _collect(_lm(), ex, tmp_path / "multi")
+
+
+def test_flex_plan():
+    assert ref.flex_plan(10, 5, 3) == ([10, 15, 20], 25)
+    assert ref.flex_plan(0, 1, 1) == ([0], 1)
+    for bad in ((-1, 5, 3), (10, 0, 3), (10, 5, 0), (1.5, 5, 3)):
+        with pytest.raises(ValueError):
+            ref.flex_plan(*bad)
+
+
+def test_select_step_uses_the_live_optimizer_moments():
+    model = _lm()
+    for n, p in model.named_parameters():
+        p.requires_grad_("layers.1" in n)
+    opt = ref.trainer_optimizer(model, lr=1e-2)
+    _step(model, opt)
+    pool, val = _examples(12), _examples(3, seed=7, prefix="val")
+    chosen = ref.select_step(model, opt, pool, val, n_select=4, proj_dim=256)
+    m, v = ref.adam_state(model, opt)
+    g = ref.example_gradients(model, pool)
+    expected = ref.influence_scores(ref.project(ref.adam_features(g, m, v), 256),
+                                    ref.project(ref.example_gradients(model, val), 256))
+    assert chosen.tolist() == ref.select_top(expected, k=4).tolist()
+    before = ref.project(ref.adam_features(g, m, v), 256)
+    for state in opt.state.values():  # other moments, same weights: other Adam features
+        state["exp_avg_sq"].mul_(100.0)
+    m2, v2 = ref.adam_state(model, opt)
+    assert not torch.allclose(ref.project(ref.adam_features(g, m2, v2), 256), before)
+
+
+def test_select_step_is_broadcast_so_ranks_agree(tmp_path):
+    result = _spawn(tmp_path, 2, "select", n=9)
+    picks = [json.load(open(f"{result}.{r}")) for r in range(2)]
+    assert picks[0] == picks[1] and len(picks[0]) == 4
+    model = _lm()
+    opt = ref.trainer_optimizer(model, lr=1e-2)
+    _step(model, opt)
+    single = ref.select_step(model, opt, _examples(9), _examples(3, seed=7, prefix="val"), n_select=4, proj_dim=64)
+    assert picks[0] == single.tolist()
