@@ -119,17 +119,99 @@ def minpp_logits(logits, tau, w):
     return z + c.log()
 
 
-def _minpp_chunk_loss(z, target, tau, w, ignore_index):
-    return F.cross_entropy(minpp_logits(z, tau, w), target, ignore_index=ignore_index, reduction="sum")
+def _row_max(z):
+    """Row max of fp32 logits; a NaN, a +inf or a row with no finite logit is an error (one pass, not four)."""
+    m = z.amax(-1, keepdim=True)
+    if not torch.isfinite(m).all():
+        _check_logits(z)  # finds and names the offending entry or row
+    return m
 
 
-def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=1024):
-    """Mean over non-ignored rows of -log q_t, q = softmax(z + log c): one logsumexp per row, in float32.
+class _MinPPCrossEntropy(torch.autograd.Function):
+    """Sum over rows of -log q_t, q = softmax(z + log c), without an (N, V) c: most tokens lie below the
+    smallest positive threshold and share c_low = sum of the weights at tau = 0, so
 
-    Rows are processed in chunks under activation checkpointing, so memory is one chunk's temporaries
-    plus the logits' gradient, not several (N, V) float32 tensors. A target with c_t = 0 has
-    probability 0: its loss is +inf (math, not a bug) and a warning says how many and where.
-    """
+        S = sum_v e^(z_v - m) c_v = c_low * sum_v e^(z_v - m) + sum_{v above} e^(z_v - m) (c_v - c_low)
+
+    and only the few tokens above (d_v = z_v - m >= log tau_min) are bucketized. Backward, with q = e c / S:
+        dL/dz_v = q_v - [v = t]      dL/dprefix_j = sum_{v in bucket j} e_v / S - [t in bucket j] / c_t
+    and dL/dw_i = sum_{j > i} dL/dprefix_j (c_v = prefix[bucket_v], prefix[j] = w_0 + ... + w_{j-1}).
+    Rows are done chunk by chunk; nothing of size (N, V) is saved for backward. float32 throughout."""
+
+    @staticmethod
+    def _terms(z, log_tau, prefix):
+        z = z.float()
+        m = _row_max(z)
+        d = z - m  # (n, V) <= 0
+        n0 = int(torch.isneginf(log_tau).sum())  # thresholds at tau = 0 (at most one)
+        c_low = prefix[n0]
+        if n0 < log_tau.numel():
+            pos = (d >= log_tau[n0]).view(-1).nonzero()[:, 0]  # flat indices of tokens above tau_min
+        else:
+            pos = torch.zeros(0, dtype=torch.long, device=z.device)
+        bucket = torch.bucketize(d.view(-1)[pos], log_tau, right=True)
+        e = d.exp_()  # d is not needed any more
+        return m, e, pos, pos // z.shape[1], bucket, c_low, n0
+
+    @staticmethod
+    def _target_bucket(z, t, m, log_tau):
+        z_t = z.gather(1, t[:, None])[:, 0].float()
+        return z_t, torch.bucketize(z_t - m[:, 0], log_tau, right=True)
+
+    @staticmethod
+    def forward(ctx, logits, target, log_tau, w, chunk_rows):
+        prefix = F.pad(torch.cumsum(w.float(), 0), (1, 0))
+        scored = target >= 0  # ignored rows come in as -1
+        t = target.clamp(min=0)
+        total = logits.new_zeros((), dtype=torch.float32)
+        stats = []
+        for s in range(0, logits.shape[0], chunk_rows):
+            z, tc = logits[s:s + chunk_rows], t[s:s + chunk_rows]
+            m, e, pos, rows, bucket, c_low, _ = _MinPPCrossEntropy._terms(z, log_tau, prefix)
+            S = c_low * e.sum(-1)
+            S.index_add_(0, rows, e.view(-1)[pos] * (prefix[bucket] - c_low))
+            z_t, b_t = _MinPPCrossEntropy._target_bucket(z, tc, m, log_tau)
+            row_loss = S.log() - (z_t - m[:, 0]) - prefix[b_t].log()
+            total = total + row_loss[scored[s:s + chunk_rows]].sum()
+            stats.append((m, S))
+        ctx.save_for_backward(logits, t, scored, log_tau, w)
+        ctx.stats, ctx.chunk_rows = stats, chunk_rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, t, scored, log_tau, w = ctx.saved_tensors
+        prefix = F.pad(torch.cumsum(w.float(), 0), (1, 0))
+        want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_z = torch.zeros_like(logits) if want_z else None
+        g_prefix = torch.zeros_like(prefix)
+        for (m, S), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
+            z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
+            scale = scored[s:s + ctx.chunk_rows].float() * grad_total / S  # (n,): d total / d S-normalised terms
+            _, e, pos, rows, bucket, c_low, n0 = _MinPPCrossEntropy._terms(z, log_tau, prefix)
+            e_pos = e.view(-1)[pos]
+            _, b_t = _MinPPCrossEntropy._target_bucket(z, tc, m, log_tau)
+            c_t = prefix[b_t]
+            if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
+                g_prefix[n0] += (e.sum(-1) * scale).sum() - (e_pos * scale[rows]).sum()
+                g_prefix.index_add_(0, bucket, e_pos * scale[rows])
+                g_prefix.index_add_(0, b_t, -(scored[s:s + ctx.chunk_rows].float() * grad_total) / c_t)
+            if want_z:  # q - onehot, scaled
+                g = e.mul_((c_low * scale)[:, None])
+                g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - c_low) * scale[rows])
+                g.scatter_add_(1, tc[:, None], -(scored[s:s + ctx.chunk_rows].float() * grad_total)[:, None])
+                grad_z[s:s + ctx.chunk_rows] = g
+        grad_w = torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:].to(w.dtype) if want_w else None
+        return grad_z, None, None, grad_w, None
+
+
+def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
+    """Mean over non-ignored rows of -log q_t with log q = log_softmax(z + log c), in float32.
+
+    The plain form is F.cross_entropy(minpp_logits(z, tau, w), target) (see test_minpp.py's loss64); this
+    computes the same without an (N, V) c and recomputes in backward, chunk by chunk, so memory stays that of
+    the logits' gradient (see _MinPPCrossEntropy). A target with c_t = 0 has probability 0: its loss is +inf
+    (math, not a bug) and a warning says how many and where. Gradients flow to logits and w."""
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"logits must be (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
     check_thresholds(tau, w)
@@ -142,13 +224,9 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=1024):
     n = int(scored.sum())
     if n == 0:
         raise ValueError(f"every target equals ignore_index={ignore_index}: there is nothing to score")
-    from torch.utils.checkpoint import checkpoint
-
-    total = logits.new_zeros((), dtype=torch.float32)
-    for s in range(0, logits.shape[0], chunk_rows):
-        z, t = logits[s:s + chunk_rows], target[s:s + chunk_rows]
-        total = total + checkpoint(_minpp_chunk_loss, z, t, tau, w, ignore_index, use_reentrant=False)
-    loss = total / n
+    log_tau = tau.to(logits.device, torch.float32).log()
+    chunk_rows = chunk_rows or max(1, 2 ** 22 // V)
+    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w, chunk_rows) / n
     if torch.isinf(loss):
         with torch.no_grad():
             lq = minpp_logits(logits[scored], tau, w).gather(1, target[scored, None])

@@ -1,0 +1,237 @@
+"""Benchmarks: each hot path of less_ref / minpp_ref against the baseline a user would otherwise pick,
+in one process, as medians and ratios. Not part of CI's test run.
+
+    python benchmarks/bench.py all [--smoke] [--device cuda] [--json results.json]
+    python benchmarks/bench.py project | grads | loss | samplers
+
+project  : less_ref.project vs TRAK's BasicProjector (pip install traker; Rademacher, same D, proj_dim, rows,
+           dtype; each at its best block size); on CUDA also vs a matmul with the matrix already materialised.
+grads    : less_ref.example_gradients, batched (torch.func) vs the batch-size-1 loop, on a Llama from a config.
+loss     : minpp_loss fwd+bwd vs F.cross_entropy fwd+bwd on the same logits; minpp_probs vs minpp_logits;
+           peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS above the start, sampled).
+samplers : apply_top_p / apply_top_k / apply_min_p vs transformers' TopP / TopK / MinP logits warpers.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import less_ref  # noqa: E402
+import minpp_ref  # noqa: E402
+
+ROWS = []
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeat=5, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn, device):
+    """Bytes above the starting level at the peak of fn(): CUDA allocator statistics, or sampled RSS on CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base, peak, done = _rss(), [0], [False]
+
+    def sample():
+        while not done[0]:
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    fn()
+    done[0] = True
+    t.join()
+    return max(peak[0], _rss()) - base
+
+
+def row(group, case, ours, baseline, what="time_s", note=""):
+    r = {"group": group, "case": case, "metric": what, "ours": ours, "baseline": baseline,
+         "ratio": ours / baseline if baseline else float("nan"), "note": note}
+    ROWS.append(r)
+    unit = "s" if what == "time_s" else ("MiB" if what == "peak_bytes" else "")
+    scale = 2 ** 20 if what == "peak_bytes" else 1
+    print(f"{group:9s} {case:48s} {what:10s} ours {ours / scale:10.4g}{unit}  baseline {baseline / scale:10.4g}{unit}  "
+          f"ratio {r['ratio']:6.3f}  {note}", flush=True)
+
+
+# ----------------------------------------------------------------------------
+
+
+def bench_project(device, smoke):
+    try:
+        from trak.projectors import BasicProjector, ProjectionType
+    except ImportError:
+        BasicProjector = None
+        print("project: traker is not installed (pip install --no-deps traker): BasicProjector rows skipped")
+    if smoke:
+        dims, ks, rows_list = [2 ** 12], [512], [1, 16]
+    elif str(device).startswith("cuda"):
+        dims, ks, rows_list = [2 ** 22, 2 ** 24], [8192, 4096], [1, 16, 32, 64]
+    else:
+        dims, ks, rows_list = [2 ** 16, 2 ** 18], [8192, 4096], [1, 16, 64]
+    for D in dims:
+        for k in ks:
+            for n in rows_list:
+                x = torch.randn(n, D, device=device)
+                ours = median_time(lambda: less_ref.project(x, k, seed=0), device, repeat=3)
+                if BasicProjector is not None:
+                    best, best_bs = math.inf, None
+                    for bs in (128, 512, 2048):  # columns per generated block; one block = whole matrix cached
+                        if bs >= k:
+                            continue
+                        proj = BasicProjector(D, k, 0, ProjectionType.rademacher, torch.device(device), block_size=bs)
+                        t = median_time(lambda: proj.project(x, model_id=0), device, repeat=3)
+                        if t < best:
+                            best, best_bs = t, bs
+                        del proj
+                    row("project", f"D=2^{int(math.log2(D))} k={k} rows={n}", ours, best,
+                        note=f"vs BasicProjector(block_size={best_bs})")
+                if str(device).startswith("cuda"):
+                    Ds = min(D, (8 * 2 ** 30) // (4 * k))  # the materialised matrix on at most 8 GiB, scaled to D
+                    R = torch.randint(0, 2, (Ds, k), device=device).float().mul_(2).sub_(1)
+                    xs = x[:, :Ds].contiguous()
+                    t = median_time(lambda: xs @ R, device) * D / Ds
+                    row("project", f"D=2^{int(math.log2(D))} k={k} rows={n}", ours, t,
+                        note=f"vs materialised matmul (timed on D={Ds}, scaled)")
+                    del R
+
+
+def bench_grads(device, smoke):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if smoke:
+        cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+        n_ex, L = 8, 16
+    elif str(device).startswith("cuda"):
+        cfg = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                   num_attention_heads=12, num_key_value_heads=12)  # ~135M parameters
+        n_ex, L = 32, 128
+    else:
+        cfg = dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                   num_attention_heads=8, num_key_value_heads=8)  # ~9.5M parameters
+        n_ex, L = 16, 64
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=512, **cfg)).to(device)
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for i in range(n_ex):
+        n = int(torch.randint(L // 2, L + 1, (1,), generator=g))
+        ids = torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist()
+        ex.append({"id": i, "input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    nparams = sum(p.numel() for p in model.parameters())
+    for subset in ("lora-like (q,v)", "full"):
+        for n_, p in model.named_parameters():
+            p.requires_grad_(subset == "full" or "q_proj" in n_ or "v_proj" in n_)
+        D = sum(p.numel() for _, p in less_ref.trainable_parameters(model))
+        for bs in (16,) if not smoke else (4,):
+            batched = lambda: torch.cat([less_ref.example_gradients(model, ex[b:b + bs], "vmap") for b in range(0, n_ex, bs)])
+            loop = lambda: less_ref.example_gradients(model, ex, "loop")
+            a, b = batched(), loop()
+            err = ((a - b).norm(dim=1) / b.norm(dim=1)).max().item()
+            tb, tl = median_time(batched, device, repeat=3), median_time(loop, device, repeat=3)
+            row("grads", f"{nparams / 1e6:.1f}M params, {subset}, D={D / 1e6:.2f}M, batch={bs}", tb, tl,
+                note=f"vmap vs loop: {n_ex / tb:.1f} vs {n_ex / tl:.1f} examples/s; max rel. diff {err:.1e}")
+
+
+def bench_loss(device, smoke):
+    shapes = [(64, 1000)] if smoke else [(1024, 32000), (4096, 32000), (1024, 128256), (4096, 128256)]
+    tau, w0 = minpp_ref.threshold_grid(32), torch.rand(32, generator=torch.Generator().manual_seed(0)) + 0.1
+    for N, V in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            if not smoke and N * V > 4096 * 32000 and dtype == torch.float32 and not str(device).startswith("cuda"):
+                continue  # 2 GiB of fp32 logits plus their gradient: skipped on the 24 GiB CPU machines
+            z = (torch.randn(N, V, device=device) * 3).to(dtype).requires_grad_(True)
+            t = torch.randint(0, V, (N,), device=device)
+            tau_d, w = tau.to(device), w0.to(device).requires_grad_(True)
+
+            def ours():
+                minpp_ref.minpp_loss(z, t, tau_d, w).backward()
+
+            def base():
+                F.cross_entropy(z.float(), t).backward()
+
+            case = f"N={N} V={V} {str(dtype)[6:]}"
+            row("loss", case, median_time(ours, device, repeat=3), median_time(base, device, repeat=3),
+                note="minpp_loss fwd+bwd vs cross_entropy fwd+bwd")
+            z.grad = None
+            row("loss", case, peak_memory(ours, device), peak_memory(base, device), "peak_bytes",
+                note="above the logits (logits' grad included)")
+            with torch.no_grad():
+                p = torch.softmax(z.float(), -1)
+                row("loss", case, median_time(lambda: minpp_ref.minpp_probs(p, tau_d, w.detach()), device),
+                    median_time(lambda: minpp_ref.minpp_logits(z, tau_d, w.detach()), device),
+                    note="minpp_probs vs minpp_logits (forward)")
+            del z
+
+
+def bench_samplers(device, smoke):
+    from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    N, V = (8, 1000) if smoke else (64, 128256)
+    z = torch.randn(N, V, device=device) * 3
+    p = torch.softmax(z, -1)
+    cases = [("top_p=0.9", lambda: minpp_ref.apply_top_p(p, 0.9), TopPLogitsWarper(0.9)),
+             ("top_k=50", lambda: minpp_ref.apply_top_k(p, 50), TopKLogitsWarper(50)),
+             ("min_p=0.1", lambda: minpp_ref.apply_min_p(p, 0.1), MinPLogitsWarper(0.1))]
+    for name, ours, warper in cases:
+        # the warper returns masked logits; a sampler then needs softmax: counted on its side too
+        theirs = lambda: torch.softmax(warper(None, z), -1)
+        row("samplers", f"{name} (N={N}, V={V})", median_time(ours, device, repeat=7),
+            median_time(theirs, device, repeat=7), note="probs in, renormalised probs out vs warper + softmax")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["all", "project", "grads", "loss", "samplers"])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None, help="write the rows and the machine description here")
+    a = ap.parse_args()
+    machine = {"torch": torch.__version__, "device": a.device, "threads": torch.get_num_threads(),
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
+    print(json.dumps(machine))
+    for name in ("project", "grads", "loss", "samplers") if a.what == "all" else (a.what,):
+        globals()[f"bench_{name}"](a.device, a.smoke)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine, "rows": ROWS}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
