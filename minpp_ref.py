@@ -55,17 +55,19 @@ def check_thresholds(tau, w):
 
 
 def _check_probs(probs):
+    """fp32 probs; NaN, inf, negative entries and all-zero rows are errors. Fast path: one sum and one min."""
     if probs.dim() < 2:
         raise ValueError(f"probs must be (..., V) with a batch dimension, got shape {tuple(probs.shape)}")
     p = probs.float()
+    total = p.sum(-1)  # NaN and inf propagate into the sums and the min
+    if torch.isfinite(total).all() and (total > 0).all() and p.amin() >= 0:
+        return p
     bad = ~torch.isfinite(p) | (p < 0)
     if bad.any():
         idx = bad.nonzero()[0].tolist()
         raise ValueError(f"probs must be finite and >= 0; entry {idx} is {probs[tuple(idx)].item()}")
-    empty = p.sum(-1) <= 0
-    if empty.any():
-        raise ValueError(f"probs row {empty.nonzero()[0].tolist()} has no mass (all zero)")
-    return p
+    empty = ~(total > 0)
+    raise ValueError(f"probs row {empty.nonzero()[0].tolist()} has no mass (all zero) or a sum that overflows")
 
 
 def _check_logits(logits):
@@ -136,27 +138,25 @@ class _MinPPCrossEntropy(torch.autograd.Function):
     and only the few tokens above (d_v = z_v - m >= log tau_min) are bucketized. Backward, with q = e c / S:
         dL/dz_v = q_v - [v = t]      dL/dprefix_j = sum_{v in bucket j} e_v / S - [t in bucket j] / c_t
     and dL/dw_i = sum_{j > i} dL/dprefix_j (c_v = prefix[bucket_v], prefix[j] = w_0 + ... + w_{j-1}).
-    Rows are done chunk by chunk; nothing of size (N, V) is saved for backward. float32 throughout."""
+    Rows are done chunk by chunk; nothing of size (N, V) is saved for backward (the tokens above tau_min
+    are kept when they are at most 1/8 of a chunk, else recomputed). float32 throughout."""
 
     @staticmethod
-    def _terms(z, log_tau, prefix):
-        z = z.float()
-        m = _row_max(z)
-        d = z - m  # (n, V) <= 0
+    def _exp(z, m, out):
+        """e = exp(z - m) written into out (float32): the chunk's one dense temporary."""
+        return torch.add(z, m.neg(), out=out).exp_()
+
+    @staticmethod
+    def _above(z, m, log_tau):
+        """The tokens with d = z - m >= log tau_min (the smallest positive threshold): flat positions, rows,
+        exp(d) and bucket (number of thresholds <= r). Candidates come from a cheap test on z with a margin
+        of 1e-3 for rounding; the exact rule is bucketize on d."""
         n0 = int(torch.isneginf(log_tau).sum())  # thresholds at tau = 0 (at most one)
-        c_low = prefix[n0]
-        if n0 < log_tau.numel():
-            pos = (d >= log_tau[n0]).view(-1).nonzero()[:, 0]  # flat indices of tokens above tau_min
-        else:
-            pos = torch.zeros(0, dtype=torch.long, device=z.device)
-        bucket = torch.bucketize(d.view(-1)[pos], log_tau, right=True)
-        e = d.exp_()  # d is not needed any more
-        return m, e, pos, pos // z.shape[1], bucket, c_low, n0
-
-    @staticmethod
-    def _target_bucket(z, t, m, log_tau):
-        z_t = z.gather(1, t[:, None])[:, 0].float()
-        return z_t, torch.bucketize(z_t - m[:, 0], log_tau, right=True)
+        lim = log_tau[n0] - 1e-3 if n0 < log_tau.numel() else torch.tensor(float("inf"), device=z.device)
+        pos = (z >= m + lim).view(-1).nonzero()[:, 0]
+        rows = pos // z.shape[1]
+        d = z.reshape(-1)[pos].float() - m[rows, 0]
+        return n0, pos, rows, d.exp(), torch.bucketize(d, log_tau, right=True)
 
     @staticmethod
     def forward(ctx, logits, target, log_tau, w, chunk_rows):
@@ -165,15 +165,20 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         t = target.clamp(min=0)
         total = logits.new_zeros((), dtype=torch.float32)
         stats = []
+        buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
         for s in range(0, logits.shape[0], chunk_rows):
-            z, tc = logits[s:s + chunk_rows], t[s:s + chunk_rows]
-            m, e, pos, rows, bucket, c_low, _ = _MinPPCrossEntropy._terms(z, log_tau, prefix)
-            S = c_low * e.sum(-1)
-            S.index_add_(0, rows, e.view(-1)[pos] * (prefix[bucket] - c_low))
-            z_t, b_t = _MinPPCrossEntropy._target_bucket(z, tc, m, log_tau)
-            row_loss = S.log() - (z_t - m[:, 0]) - prefix[b_t].log()
-            total = total + row_loss[scored[s:s + chunk_rows]].sum()
-            stats.append((m, S))
+            z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
+            m = _row_max(z.float())
+            e_sum = _MinPPCrossEntropy._exp(z, m, buf[:z.shape[0]]).sum(-1)
+            n0, pos, rows, e_pos, bucket = _MinPPCrossEntropy._above(z, m, log_tau)
+            S = prefix[n0] * e_sum
+            S.index_add_(0, rows, e_pos * (prefix[bucket] - prefix[n0]))
+            d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]
+            row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()
+            total = total + row_loss[sc].sum()
+            # keep the few tokens above tau_min for backward unless they are many (flat distributions)
+            above = (n0, pos, rows, e_pos, bucket) if pos.numel() <= z.numel() // 8 else None
+            stats.append((m, e_sum, S, d_t, above))
         ctx.save_for_backward(logits, t, scored, log_tau, w)
         ctx.stats, ctx.chunk_rows = stats, chunk_rows
         return total
@@ -183,26 +188,24 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         logits, t, scored, log_tau, w = ctx.saved_tensors
         prefix = F.pad(torch.cumsum(w.float(), 0), (1, 0))
         want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        grad_z = torch.zeros_like(logits) if want_z else None
+        grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
         g_prefix = torch.zeros_like(prefix)
-        for (m, S), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
+        for (m, e_sum, S, d_t, above), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
             z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
-            scale = scored[s:s + ctx.chunk_rows].float() * grad_total / S  # (n,): d total / d S-normalised terms
-            _, e, pos, rows, bucket, c_low, n0 = _MinPPCrossEntropy._terms(z, log_tau, prefix)
-            e_pos = e.view(-1)[pos]
-            _, b_t = _MinPPCrossEntropy._target_bucket(z, tc, m, log_tau)
-            c_t = prefix[b_t]
+            g_row = scored[s:s + ctx.chunk_rows].float() * grad_total  # (n,) d total / d row loss
+            scale = g_row / S
+            n0, pos, rows, e_pos, bucket = above or _MinPPCrossEntropy._above(z, m, log_tau)
             if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
-                g_prefix[n0] += (e.sum(-1) * scale).sum() - (e_pos * scale[rows]).sum()
+                b_t = torch.bucketize(d_t, log_tau, right=True)
+                g_prefix[n0] += (e_sum * scale).sum() - (e_pos * scale[rows]).sum()
                 g_prefix.index_add_(0, bucket, e_pos * scale[rows])
-                g_prefix.index_add_(0, b_t, -(scored[s:s + ctx.chunk_rows].float() * grad_total) / c_t)
-            if want_z:  # q - onehot, scaled
-                g = e.mul_((c_low * scale)[:, None])
-                g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - c_low) * scale[rows])
-                g.scatter_add_(1, tc[:, None], -(scored[s:s + ctx.chunk_rows].float() * grad_total)[:, None])
-                grad_z[s:s + ctx.chunk_rows] = g
+                g_prefix.index_add_(0, b_t, -g_row / prefix[b_t])
+            if want_z:  # q - onehot, scaled, in place in grad_z
+                g = _MinPPCrossEntropy._exp(z, m, grad_z[s:s + ctx.chunk_rows]).mul_((prefix[n0] * scale)[:, None])
+                g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - prefix[n0]) * scale[rows])
+                g.scatter_add_(1, tc[:, None], -g_row[:, None])
         grad_w = torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:].to(w.dtype) if want_w else None
-        return grad_z, None, None, grad_w, None
+        return grad_z.to(logits.dtype) if want_z else None, None, None, grad_w, None
 
 
 def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
@@ -248,8 +251,8 @@ def apply_temperature(logits, temperature):
 
 
 def _renormalise(p, keep):
-    q = p * keep
-    return q / q.sum(-1, keepdim=True)
+    q = torch.where(keep, p, 0.0)
+    return q.div_(q.sum(-1, keepdim=True))
 
 
 def apply_top_k(probs, k):
@@ -275,11 +278,12 @@ def apply_top_p(probs, top_p):
 
 
 def apply_min_p(probs, p_base):
-    """Keep p_v >= p_base * max p (ratio form r_v >= p_base, the boundary token is kept), renormalise. float32."""
+    """Keep p_v >= p_base * max p (r_v >= p_base up to rounding; the boundary token is kept), renormalise.
+    float32."""
     if not (0 <= p_base <= 1):
         raise ValueError(f"p_base (min_p) must be in [0, 1], got {p_base}")
     p = _check_probs(probs)
-    return _renormalise(p, p / p.amax(-1, keepdim=True) >= p_base)
+    return _renormalise(p, p >= p_base * p.amax(-1, keepdim=True))
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, minpp=None):
