@@ -34,6 +34,11 @@ _MODULES = {"minpp": ("minpp_ref", "MINPP_IMPL"), "less": ("less_ref", "LESS_IMP
 _NOT_PROVIDED = {}
 
 
+def pytest_configure(config):
+    # torch.func has no batching rule for CPU SDPA yet; the fallback is correct, only slower
+    config.addinivalue_line("filterwarnings", "ignore:There is a performance drop:UserWarning")
+
+
 def pytest_addoption(parser):
     for kind, (ref, env) in _MODULES.items():
         parser.addoption(f"--{kind}-impl", default=os.environ.get(env, ref),

@@ -218,6 +218,8 @@ def bench_loss(device, smoke):
             del ours, base
             row("loss", case, loss_peak(N, V, dtype, device, "ours"), loss_peak(N, V, dtype, device, "ce"), "peak_bytes",
                 note="above the inputs, fresh process (CPU) / allocator peak (CUDA)")
+            if not smoke and N * V > 4096 * 32000 and not str(device).startswith("cuda"):
+                continue  # forward-only comparison: the smaller shapes tell it (keeps the run < 10 min)
             z = (torch.randn(N, V, device=device) * 3).to(dtype)
             tau_d, w = tau.to(device), w0.to(device)
             with torch.no_grad():
