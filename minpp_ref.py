@@ -85,6 +85,14 @@ def _check_logits(logits):
     return z
 
 
+def _row_max(z):
+    """Row max of fp32 logits; a NaN, a +inf or a row with no finite logit is an error (one pass, not four)."""
+    m = z.amax(-1, keepdim=True) if z.dim() >= 2 else None
+    if m is None or not torch.isfinite(m).all():
+        _check_logits(z)  # finds and names the offending entry, row or shape
+    return m
+
+
 # ----------------------------------------------------------------------------
 # the MinP+ transform
 
@@ -115,18 +123,10 @@ def minpp_logits(logits, tau, w):
     float32 in and out; pass z = logits / T for temperature T (temperature comes first).
     """
     check_thresholds(tau, w)
-    z = _check_logits(logits)
-    d = z - z.amax(-1, keepdim=True)  # (N, V) <= 0, log r
+    z = logits.float()
+    d = z + _row_max(z).neg()  # (N, V) <= 0, log r
     c = cumulative_weights(d, tau.to(z).log(), w.to(z))  # log 0 = -inf: tau = 0 passes every token
     return z + c.log()
-
-
-def _row_max(z):
-    """Row max of fp32 logits; a NaN, a +inf or a row with no finite logit is an error (one pass, not four)."""
-    m = z.amax(-1, keepdim=True)
-    if not torch.isfinite(m).all():
-        _check_logits(z)  # finds and names the offending entry or row
-    return m
 
 
 class _MinPPCrossEntropy(torch.autograd.Function):
