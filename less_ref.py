@@ -342,16 +342,22 @@ def _write_atomic(tensors, metadata, path):
     os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
 
 
-def load_features(path):
-    """(features float32 (N, k), ids list, identity dict) from a chunk or merged file."""
+def _read_features(path):
+    """(tensors, metadata) of a feature file, opened once; rows and ids must match."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
-        feats = f.get_tensor("features")
-    if feats.shape[0] != len(meta["ids"]):
-        raise ValueError(f"{path}: {feats.shape[0]} feature rows but {len(meta['ids'])} ids")
-    return feats, meta["ids"], meta["identity"]
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if tensors["features"].shape[0] != len(meta["ids"]):
+        raise ValueError(f"{path}: {tensors['features'].shape[0]} feature rows but {len(meta['ids'])} ids")
+    return tensors, meta
+
+
+def load_features(path):
+    """(features float32 (N, k), ids list, identity dict) from a chunk or merged file."""
+    tensors, meta = _read_features(path)
+    return tensors["features"], meta["ids"], meta["identity"]
 
 
 def _world():
@@ -496,13 +502,10 @@ def merge_features(out_dir):
             path = _chunk_path(shard, c)
             if not os.path.exists(path):
                 raise ValueError(f"{out_dir}: rank {rank} has not finished (no {os.path.basename(path)}); resume the collection")
-            x, chunk_ids, ident = load_features(path)
-            if ident != identity:
+            tensors, meta = _read_features(path)
+            x, chunk_ids, pos = tensors["features"], meta["ids"], tensors["positions"].tolist()
+            if meta["identity"] != identity:
                 raise ValueError(f"{path} was written by another configuration than {out_dir}/identity.json")
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as f:
-                pos = f.get_tensor("positions").tolist()
             if pos != positions[start:start + identity["chunk_size"]]:
                 raise ValueError(f"{path} holds positions {pos[:5]}..., not rank {rank}'s shard")
             for row, i, sid in zip(x, pos, chunk_ids):

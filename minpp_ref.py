@@ -97,12 +97,17 @@ def _row_max(z):
 # the MinP+ transform
 
 
+def prefix_weights(w):
+    """(K+1,) float32: prefix[j] = w_1 + ... + w_j, so c = prefix[number of thresholds passed]."""
+    return F.pad(torch.cumsum(w.float(), 0), (1, 0))
+
+
 def cumulative_weights(ratio_or_logratio, boundaries, w):
     """c_v = sum_{i: boundary_i <= x_v} w_i, via bucketize (count of boundaries <= x) and a prefix sum.
 
     fp32 in, fp32 out; boundaries are tau (probs form) or log tau (logits form).
     """
-    prefix = F.pad(torch.cumsum(w.float(), 0), (1, 0))  # (K+1,): prefix[j] = w_1 + ... + w_j
+    prefix = prefix_weights(w)
     idx = torch.bucketize(ratio_or_logratio, boundaries.contiguous(), right=True)  # (N, V) in [0, K]
     return prefix[idx]
 
@@ -160,7 +165,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, log_tau, w, chunk_rows):
-        prefix = F.pad(torch.cumsum(w.float(), 0), (1, 0))
+        prefix = prefix_weights(w)
         scored = target >= 0  # ignored rows come in as -1
         t = target.clamp(min=0)
         total = logits.new_zeros((), dtype=torch.float32)
@@ -168,7 +173,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
         for s in range(0, logits.shape[0], chunk_rows):
             z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
-            m = _row_max(z.float())
+            m = _row_max(z).float()  # the max is exact in any dtype: no float32 copy of the chunk
             e_sum = _MinPPCrossEntropy._exp(z, m, buf[:z.shape[0]]).sum(-1)
             n0, pos, rows, e_pos, bucket = _MinPPCrossEntropy._above(z, m, log_tau)
             S = prefix[n0] * e_sum
@@ -186,7 +191,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         logits, t, scored, log_tau, w = ctx.saved_tensors
-        prefix = F.pad(torch.cumsum(w.float(), 0), (1, 0))
+        prefix = prefix_weights(w)
         want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
         g_prefix = torch.zeros_like(prefix)
