@@ -70,31 +70,43 @@ def _check_probs(probs):
     raise ValueError(f"probs row {empty.nonzero()[0].tolist()} has no mass (all zero) or a sum that overflows")
 
 
-def _check_logits(logits):
-    """fp32 logits; NaN, +inf and rows with no finite logit are errors (their softmax is undefined)."""
+def _check_logits(logits, row0=0):
+    """fp32 logits; NaN, +inf and rows with no finite logit are errors (their softmax is undefined).
+    row0: the global index of row 0 when logits is a chunk, so the message names the caller's row."""
     if logits.dim() < 2:
         raise ValueError(f"logits must be (..., V) with a batch dimension, got shape {tuple(logits.shape)}")
     z = logits.float()
     bad = torch.isnan(z) | (z == float("inf"))
     if bad.any():
         idx = bad.nonzero()[0].tolist()
-        raise ValueError(f"logits must not be NaN or +inf; entry {idx} is {logits[tuple(idx)].item()}")
+        value = logits[tuple(idx)].item()
+        idx[0] += row0
+        raise ValueError(f"logits must not be NaN or +inf; entry {idx} is {value}")
     dead = ~torch.isfinite(z).any(-1)
     if dead.any():
-        raise ValueError(f"logits row {dead.nonzero()[0].tolist()} has no finite logit (all -inf)")
+        idx = dead.nonzero()[0].tolist()
+        idx[0] += row0
+        raise ValueError(f"logits row {idx} has no finite logit (all -inf)")
     return z
 
 
-def _row_max(z):
+def _row_max(z, row0=0):
     """Row max of fp32 logits; a NaN, a +inf or a row with no finite logit is an error (one pass, not four)."""
     m = z.amax(-1, keepdim=True) if z.dim() >= 2 else None
     if m is None or not torch.isfinite(m).all():
-        _check_logits(z)  # finds and names the offending entry, row or shape
+        _check_logits(z, row0)  # finds and names the offending entry, row or shape
     return m
 
 
 # ----------------------------------------------------------------------------
 # the MinP+ transform
+
+
+def unit_weights(w):
+    """w / max(w), float32. q does not change with the scale of w, and this keeps extreme but valid weights
+    (1e-45 or 3e38: subnormal products, sums that overflow) exact. Differentiable (autograd through max)."""
+    w = w.double()  # K numbers: float64 keeps subnormal float32 weights exact
+    return (w / w.max()).float()
 
 
 def prefix_weights(w):
@@ -118,20 +130,21 @@ def minpp_probs(probs, tau, w):
     p = _check_probs(probs)
     p = p / p.sum(-1, keepdim=True)
     r = p / p.amax(-1, keepdim=True)  # (N, V) in [0, 1]; the max token has r == 1 exactly
-    q = p * cumulative_weights(r, tau.to(p), w.to(p))
+    q = p * cumulative_weights(r, tau.to(p), unit_weights(w).to(p))
     return q / q.sum(-1, keepdim=True)  # sum > 0: the max token gets c = sum(w) > 0
 
 
 def minpp_logits(logits, tau, w):
     """Logits form: returns z + log c (-inf where c = 0); r >= tau  <=>  z - max z >= log tau. No softmax.
 
-    float32 in and out; pass z = logits / T for temperature T (temperature comes first).
+    float32 in and out; pass z = logits / T for temperature T (temperature comes first). c is summed from
+    w / max(w) and log max(w) added back, so weights near float32's limits (1e-45, 3e38) stay finite and exact.
     """
     check_thresholds(tau, w)
     z = logits.float()
     d = z + _row_max(z).neg()  # (N, V) <= 0, log r
-    c = cumulative_weights(d, tau.to(z).log(), w.to(z))  # log 0 = -inf: tau = 0 passes every token
-    return z + c.log()
+    c = cumulative_weights(d, tau.to(z).log(), unit_weights(w).to(z))  # log 0 = -inf: tau = 0 passes every token
+    return z + (c.log() + w.double().max().log().float().to(z.device))
 
 
 class _MinPPCrossEntropy(torch.autograd.Function):
@@ -173,7 +186,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
         for s in range(0, logits.shape[0], chunk_rows):
             z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
-            m = _row_max(z).float()  # the max is exact in any dtype: no float32 copy of the chunk
+            m = _row_max(z, s).float()  # the max is exact in any dtype: no float32 copy of the chunk
             e_sum = _MinPPCrossEntropy._exp(z, m, buf[:z.shape[0]]).sum(-1)
             n0, pos, rows, e_pos, bucket = _MinPPCrossEntropy._above(z, m, log_tau)
             S = prefix[n0] * e_sum
@@ -234,13 +247,18 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
         raise ValueError(f"every target equals ignore_index={ignore_index}: there is nothing to score")
     log_tau = tau.to(logits.device, torch.float32).log()
     chunk_rows = chunk_rows or max(1, 2 ** 22 // V)
-    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w, chunk_rows) / n
-    if torch.isinf(loss):
+    w1 = unit_weights(w)  # q is scale-free in w; max 1 keeps extreme weights exact (grad: d w1 / d w by autograd)
+    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows) / n
+    if torch.isinf(loss):  # rare: name the rows (plain form, no grad)
         with torch.no_grad():
-            lq = minpp_logits(logits[scored], tau, w).gather(1, target[scored, None])
-            rows = scored.nonzero()[:, 0][torch.isneginf(lq[:, 0])]
-        warnings.warn(f"MinP+ loss is inf: {rows.numel()} target(s) have c = 0 (below every threshold with weight > 0), "
-                      f"first at row {rows[0].item()}; add tau = 0 to the grid to keep the loss finite")
+            lz = minpp_logits(logits[scored], tau, w)
+            rows_ce = F.cross_entropy(lz, target[scored], reduction="none")
+            bad = torch.isinf(rows_ce)
+            zero_c = torch.isneginf(lz.gather(1, target[scored, None])[:, 0]) & bad
+            rows = scored.nonzero()[:, 0][bad]
+        warnings.warn(f"MinP+ loss is inf at {rows.numel()} target(s), first at row {rows[0].item()}: "
+                      f"{int(zero_c.sum())} have c = 0 (below every threshold with weight > 0; add tau = 0 to the grid), "
+                      f"{int(bad.sum() - zero_c.sum())} have a probability that underflows float32 (logits far apart)")
     return loss
 
 
@@ -248,11 +266,20 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
 # the classic samplers: temperature, then top-k, top-p, min-p (transformers' order)
 
 
+def _real(name, x, lo, hi, lo_open=False):
+    """x as a float; not a real number (a str, None, NaN, inf, a bool) or outside the range is a ValueError."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not ok or x > hi or (x <= lo if lo_open else x < lo):
+        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {x!r}")
+    return float(x)
+
+
 def apply_temperature(logits, temperature):
-    """z / T in float32; T must be finite and > 0 (T -> 0 is greedy: use do_sample=False)."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return _check_logits(logits) / temperature
+    """(z - max z) / T in float32: softmax(z / T) with the row max shifted to 0, so a tiny T never overflows
+    (T -> 0 tends to argmax, ties shared; do_sample=False is argmax). T must be finite and > 0."""
+    T = _real("temperature", temperature, 0, math.inf, lo_open=True)
+    z = _check_logits(logits)
+    return (z - z.amax(-1, keepdim=True)) / T
 
 
 def _renormalise(p, keep):
@@ -262,8 +289,8 @@ def _renormalise(p, keep):
 
 def apply_top_k(probs, k):
     """Keep p_v >= the k-th largest p (all ties with the k-th are kept: order-free), renormalise. float32."""
-    if int(k) != k or k < 1:
-        raise ValueError(f"top_k must be an integer >= 1, got {k}")
+    if _real("top_k", k, 1, math.inf) != int(k):
+        raise ValueError(f"top_k must be a whole number >= 1, got {k!r}")
     p = _check_probs(probs)
     kth = torch.topk(p, min(int(k), p.shape[-1]), dim=-1).values[..., -1:]
     return _renormalise(p, p >= kth)
@@ -271,22 +298,24 @@ def apply_top_k(probs, k):
 
 def apply_top_p(probs, top_p):
     """Nucleus: keep the smallest prefix (by descending p) with mass >= top_p, i.e. token i of the sorted
-    order is kept iff cumsum_i - p_i < top_p; tokens tied with the last kept one are kept too (order-free).
-    float32, renormalised; the most likely token is always kept."""
-    if not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    order is kept iff s_1 + ... + s_(i-1) < top_p (an exclusive cumsum, shifted, not cumsum - s: that rounds);
+    tokens tied with the last kept one are kept too (order-free). top_p = 1 keeps every token (a float32
+    cumsum reaches 1.0 before the tail). float32, renormalised; the most likely token is always kept."""
+    top_p = _real("top_p", top_p, 0, 1, lo_open=True)
     p = _check_probs(probs)
     p = p / p.sum(-1, keepdim=True)
+    if top_p == 1:
+        return p
     s = torch.sort(p, dim=-1, descending=True).values  # (N, V)
-    kept = ((torch.cumsum(s, -1) - s) < top_p).sum(-1, keepdim=True).clamp(min=1)  # exclusive cumsum
+    before = F.pad(torch.cumsum(s, -1)[..., :-1], (1, 0))  # mass strictly before each sorted token
+    kept = (before < top_p).sum(-1, keepdim=True)  # >= 1: before[0] = 0
     return _renormalise(p, p >= s.gather(-1, kept - 1))
 
 
 def apply_min_p(probs, p_base):
     """Keep p_v >= p_base * max p (r_v >= p_base up to rounding; the boundary token is kept), renormalise.
     float32."""
-    if not (0 <= p_base <= 1):
-        raise ValueError(f"p_base (min_p) must be in [0, 1], got {p_base}")
+    p_base = _real("p_base (min_p)", p_base, 0, 1)
     p = _check_probs(probs)
     return _renormalise(p, p >= p_base * p.amax(-1, keepdim=True))
 
@@ -375,6 +404,10 @@ class MinPPlusHead(nn.Module):
         from safetensors.torch import load_file
 
         t = load_file(str(path))
+        if set(t) != {"tau", "theta"} or t["tau"].dim() != 1 or t["theta"].shape != t["tau"].shape:
+            raise ValueError(f"{path}: a head file holds 'tau' (K,) and 'theta' (K,), got "
+                             f"{ {k: tuple(v.shape) for k, v in t.items()} }")
+        check_thresholds(t["tau"], F.softplus(t["theta"].float()))
         head = cls(tau=t["tau"])
         with torch.no_grad():
             head.theta.copy_(t["theta"])
@@ -456,28 +489,49 @@ def _filters(method, temperature, top_k, top_p, min_p, minpp):
     return dict(f, temperature=temperature)
 
 
+def _check_generate_args(input_ids, attention_mask, max_new_tokens, stop_strings, decode):
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (B, T) tensor with B, T >= 1 (a batch of prompts), got {shape}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
+        if not attention_mask[:, -1].all() or not (attention_mask.diff(dim=1) >= 0).all():
+            raise ValueError("attention_mask must be left padding (0s then 1s, last column all 1): pad prompts on the left")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if isinstance(stop_strings, str) or not all(isinstance(x, str) and x for x in stop_strings):
+        raise ValueError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function")
+
+
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens, method="none", do_sample=True, temperature=1.0, top_k=None,
-             top_p=None, min_p=None, minpp=None, eos_token_id=None, stop_strings=(), decode=None, generator=None):
+             top_p=None, min_p=None, minpp=None, eos_token_id=None, stop_strings=(), decode=None, generator=None,
+             attention_mask=None):
     """Sample up to max_new_tokens per row with a KV cache; returns a list of new-token lists.
 
-    do_sample alone decides sampling vs argmax ("greedy" is do_sample=False). A row stops after eos or
+    do_sample alone decides sampling vs argmax ("greedy" is do_sample=False). Prompts of different lengths
+    are left-padded with attention_mask (B, T) of 0s then 1s: position ids count real tokens only and the
+    mask grows with the cache, so each row generates what its prompt alone would. A row stops after eos or
     once the text of its last tokens ends with a stop string (decode(list_of_ids) -> str is called on a
     window of the last len(longest stop string) tokens, never on the whole sequence)."""
     if method == "greedy":
         method, do_sample = "none", False
     kw = _filters(method, temperature, top_k, top_p, min_p, minpp)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if stop_strings and decode is None:
-        raise ValueError("stop_strings need a decode function")
-    out = [[] for _ in range(input_ids.shape[0])]
+    _check_generate_args(input_ids, attention_mask, max_new_tokens, stop_strings, decode)
+    B = input_ids.shape[0]
+    out = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return out
     window = max((len(s) for s in stop_strings), default=0)
     model.eval()
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-    res = model(input_ids=input_ids, use_cache=True)
+    dev = input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev, torch.long)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T): padding gets 0, real tokens 0, 1, ...
+    done = torch.zeros(B, dtype=torch.bool)
+    res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
     for _ in range(max_new_tokens):
         tok = next_token(res.logits[:, -1], do_sample=do_sample, generator=generator, **kw)
         for i, t in enumerate(tok.tolist()):
@@ -489,23 +543,39 @@ def generate(model, input_ids, max_new_tokens, method="none", do_sample=True, te
                 done[i] = True
         if done.all():
             break
-        res = model(input_ids=tok[:, None], past_key_values=res.past_key_values, use_cache=True)
+        mask = F.pad(mask, (0, 1), value=1)
+        pos = pos[:, -1:] + 1
+        res = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=res.past_key_values, use_cache=True)
     return out
 
 
-def minpp_logits_processor(tau, w):
-    """A transformers LogitsProcessor: model.generate(..., logits_processor=[minpp_logits_processor(tau, w)]).
+def minpp_logits_processor(tau, w, temperature=1.0):
+    """A transformers LogitsProcessor: model.generate(..., logits_processor=[minpp_logits_processor(tau, w, T)]).
 
-    On one threshold tau = p_base (w = 1) it masks exactly what MinPLogitsWarper(p_base) masks."""
+    transformers runs user processors BEFORE its own temperature warper, so for generate(temperature=T) pass
+    the same T here. After temperature, r' = r ** (1 / T), so r' >= tau  <=>  r >= tau ** T on the raw z;
+    the processor returns z + T log c (c from thresholds tau ** T) and, once generate divides by T, samples
+    softmax(z / T + log c): "temperature, then MinP+". On one threshold tau = p_base (w = 1) it masks exactly
+    what TemperatureLogitsWarper(T) + MinPLogitsWarper(p_base) mask. float32 inside, scores' dtype out."""
     from transformers import LogitsProcessor
+
+    T = _real("temperature", temperature, 0, math.inf, lo_open=True)
+    check_thresholds(tau, w)
+    tau_T = (tau.double() ** T).float()
+    try:
+        check_thresholds(tau_T, w)
+    except ValueError as e:
+        raise ValueError(f"thresholds tau ** {T} collide in float32 ({e}): use fewer thresholds or T nearer 1") from None
 
     class MinPPlusLogitsProcessor(LogitsProcessor):
         def __init__(self):
-            check_thresholds(tau, w)
-            self.tau, self.w = tau.float(), w.float()
+            self.tau, self.w = tau_T, w.float()
 
         def __call__(self, input_ids, scores):
-            return minpp_logits(scores, self.tau.to(scores.device), self.w.to(scores.device)).to(scores.dtype)
+            z = scores.float()
+            out = minpp_logits(z, self.tau.to(z.device), self.w.to(z.device))  # z + log c
+            return torch.where(torch.isfinite(out), z + T * (out - z), out).to(scores.dtype)
 
     return MinPPlusLogitsProcessor()
 
