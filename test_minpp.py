@@ -35,15 +35,27 @@ def minpp64(p, tau, w):
     return q / q.sum(-1, keepdim=True)
 
 
-def off_boundary(r, tau, w):
-    """Drop the thresholds that some token's r sits on within LOG_SLACK (except r == tau == 1, exact everywhere)."""
+def near_boundary(r, tau):
+    """(K,) bool: thresholds that some token's r sits on within LOG_SLACK (r == tau == 1 is exact everywhere)."""
     lr, lt = r.double().log().reshape(-1, 1), tau.double().log()[None]
-    near = ((lr - lt).abs() < LOG_SLACK) & ~((lr == 0) & (lt == 0))
-    keep = ~near.any(0)
-    if not keep.any():
-        keep[-1], tau, w = True, tau.clone(), w.clone()
-        tau[-1], w[-1] = 0.0, 1.0
-    return tau[keep].contiguous(), w[keep].contiguous()
+    return (((lr - lt).abs() < LOG_SLACK) & ~((lr == 0) & (lt == 0))).any(0)
+
+
+def valid_weights(tau, w):
+    """(tau, w) with at least one positive weight: a threshold set a correct implementation must accept."""
+    if not len(tau):
+        return torch.zeros(1), torch.ones(1)
+    if w.sum() == 0:
+        w = w.clone()
+        w[-1] = 1.0
+    return tau.contiguous(), w.contiguous()
+
+
+def off_boundary(r, tau, w):
+    """Drop the thresholds that some token's r sits on (either side is correct there); the weights that
+    remain are never all zero."""
+    keep = ~near_boundary(r, tau)
+    return valid_weights(tau[keep], w[keep])
 
 
 def assert_close(actual, expected, msg=""):
@@ -103,20 +115,35 @@ def test_probs_form_matches_float64(impl, dtype, z, tw):
     assert_close(q, minpp64(p64, tau, w), f"minpp_probs, input {dtype}")
 
 
+def assert_logits_close(out, expected, msg=""):
+    """Judge logits in logit space, at the rounding of the dtype they are returned in, up to a per-row shift
+    (z + log c and log_softmax(z + log c) are both correct): -inf exactly where expected is -inf, and
+    |(out - expected) - (same at the row's max)| <= 4 eps(dtype) (|expected| + |row max|) + 4 eps(dtype)."""
+    assert torch.equal(torch.isneginf(out), torch.isneginf(expected)), f"{msg}: -inf must mark exactly the tokens with c = 0"
+    assert torch.isfinite(out[~torch.isneginf(out)]).all(), f"{msg}: NaN or +inf"
+    eps = torch.finfo(out.dtype).eps if out.dtype != torch.float64 else torch.finfo(torch.float32).eps
+    o, e = out.double(), expected.double()
+    top = e.argmax(-1, keepdim=True)
+    shift = (o - e).gather(-1, top)
+    fin = torch.isfinite(e)
+    err = (o - e - shift).abs()[fin]
+    bound = (4 * eps * (e.abs() + e.gather(-1, top).abs().expand_as(e) + 1))[fin]
+    assert (err <= bound).all(), f"{msg}: logit error {(err - bound).max().item():.3g} above the dtype's rounding"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(z=logits(), tw=thresholds())
 def test_logits_form_matches_probs_form(impl, dtype, z, tw):
-    """softmax(minpp_logits(z)) == minpp_probs(softmax(z)); -inf exactly where c = 0."""
+    """minpp_logits(z) == z + log c (or any per-row shift of it, e.g. log q), c from r = exp(z - max z);
+    judged in logit space at the rounding of the returned dtype. bf16/fp16 inputs: the reference returns
+    float32, so the tolerance is float32's."""
     zd = z.to(dtype)
     z64 = zd.double()
     tau, w = off_boundary(torch.exp(z64 - z64.amax(-1, keepdim=True)), *tw)
     out = impl.minpp_logits(zd, tau, w)
-    expected = minpp64(torch.softmax(z64, -1), tau, w)
-    assert torch.equal(torch.isneginf(out), expected == 0), "-inf must mark exactly the tokens with c = 0"
-    assert_close(torch.softmax(out.double(), -1), expected, f"minpp_logits, input {dtype}")
-    # the logits form keeps z where all thresholds pass (c = sum w): it adds log c, it does not renormalise
-    full = c64(torch.exp(z64 - z64.amax(-1, keepdim=True)), tau.double(), w.double())
-    assert_close(out.double()[full > 0], (z64 + full.log())[full > 0], "minpp_logits returns z + log c")
+    assert out.shape == zd.shape
+    c = c64(torch.exp(z64 - z64.amax(-1, keepdim=True)), tau.double(), w.double())
+    assert_logits_close(out, z64 + c.log(), f"minpp_logits, input {dtype}")
 
 
 @given(z=logits(), tw=thresholds(), alpha=st.floats(1e-3, 1e3))
@@ -203,10 +230,11 @@ def test_temperature_equals_tau_to_the_T(impl, z, tw, T):
     tau, w = tw
     r = torch.exp(z.double() - z.double().amax(-1, keepdim=True))
     tau_T = (tau.double() ** T).float()
-    tau, w = off_boundary(r ** (1 / T), tau, w)
-    assume((tau_T.diff() > 0).all())  # tau ** T must stay strictly increasing in float32
-    tau_T2, _ = off_boundary(r, tau_T, w.clone())
-    assume(tau_T2.numel() == tau_T.numel() and tau.numel() == tw[0].numel())  # no threshold on a boundary
+    keep = ~near_boundary(r ** (1 / T), tau) & ~near_boundary(r, tau_T)  # the same thresholds on both sides
+    tau, tau_T, w = tau[keep], tau_T[keep], w[keep]
+    assume(len(tau) and (tau_T.diff() > 0).all())  # tau ** T must stay strictly increasing in float32
+    tau, w = valid_weights(tau, w)
+    tau_T, _ = valid_weights(tau_T, w)
     lhs = impl.minpp_logits(z / T, tau, w)
     logc = impl.minpp_logits(z, tau_T, w) - z
     assert_close(torch.log_softmax(lhs.double(), -1).exp(), torch.softmax(z.double() / T + logc.double(), -1))
@@ -214,11 +242,26 @@ def test_temperature_equals_tau_to_the_T(impl, z, tw, T):
 
 @given(z=logits(), tw=thresholds(), k=st.integers(1, 8))
 def test_minpp_commutes_with_top_k(impl, z, tw, k):
+    """minpp(top_k(p)) == top_k(minpp(p)) where the k-th largest p is not tied with the next one; with a tie
+    at the boundary each side may keep another subset of the tied tokens, so each is checked on its own:
+    a valid top-k set, and MinP+ of p restricted to that set (r is unchanged: the argmax is kept)."""
     p = probs_of(z, torch.float32)
-    tau, w = off_boundary(p.double() / p.double().amax(-1, keepdim=True), *tw)
-    a = impl.minpp_probs(impl.apply_top_k(p, k), tau, w)
-    b = impl.apply_top_k(impl.minpp_probs(p, tau, w), k)
-    assert_close(a, b.double(), "minpp(top_k(p)) vs top_k(minpp(p))")
+    p64 = p.double() / p.double().sum(-1, keepdim=True)
+    tau, w = off_boundary(p64 / p64.amax(-1, keepdim=True), *tw)
+    a = impl.minpp_probs(impl.apply_top_k(p, k), tau, w).double()
+    b = impl.apply_top_k(impl.minpp_probs(p, tau, w), k).double()
+    s = torch.sort(p64, -1, descending=True).values
+    kk = min(k, p.shape[1])
+    kth = s[:, kk - 1:kk]
+    nxt = s[:, kk:kk + 1] if kk < p.shape[1] else torch.zeros_like(kth)
+    tied = (kth - nxt <= 1e-6 * kth)[:, 0]  # the boundary is ambiguous in float32
+    q64 = minpp64(p64, tau, w)
+    for out in (a, b):
+        kept = out > 0
+        assert not (kept & (p64 < kth * (1 - 1e-6))).any(), "a token below the k-th largest survived"
+        assert (kept | (q64 == 0) | (p64 <= kth * (1 + 1e-6))).all(), "a token above the k-th largest was dropped"
+        assert_close(out, q64 * kept / (q64 * kept).sum(-1, keepdim=True), "MinP+ of p restricted to the kept set")
+    assert_close(a[~tied], b[~tied], "minpp(top_k(p)) vs top_k(minpp(p))")
 
 
 BAD_PARAMS = {
@@ -279,7 +322,7 @@ def test_loss_is_minus_log_q_of_target(impl, dtype, z, tw, seed, T):
     if torch.isinf(expected):
         assert loss.item() == math.inf
     else:
-        assert_close(loss.reshape(()).float(), expected, f"minpp_loss, logits {dtype}")
+        assert_close(loss.reshape(()), expected, f"minpp_loss, logits {dtype}")  # at the dtype it returns
 
 
 def test_loss_is_inf_not_nan_where_target_has_c_zero(impl):
@@ -312,22 +355,31 @@ def test_loss_with_no_scored_target_is_error_not_nan(impl):
         impl.minpp_loss(torch.randn(2, 5), torch.tensor([-100, -100]), torch.tensor([0.0]), torch.ones(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @given(z=logits(max_rows=5), tw=thresholds(zero=True), seed=st.integers(0, 2 ** 31 - 1))
-def test_loss_gradient_is_the_analytic_one(impl, z, tw, seed):
-    """dL/dw_k = mean_n [ -1[tau_k <= r_t] / c_t + sum_j p_j 1[tau_k <= r_j] / sum_j p_j c_j ]."""
-    z = z.float()
-    r = torch.exp(z.double() - z.double().amax(-1, keepdim=True))
+def test_loss_gradients_wrt_logits_and_weights(impl, dtype, z, tw, seed):
+    """Against float64 math on the same (rounded) inputs, at the tolerance of the dtype each gradient comes in:
+    dL/dz_n = (q_n - onehot(t_n)) / N and
+    dL/dw_k = mean_n [ -1[tau_k <= r_t] / c_t + sum_j p_j 1[tau_k <= r_j] / sum_j p_j c_j ]."""
+    zd = z.to(dtype).requires_grad_(True)
+    z64 = zd.detach().double()
+    r = torch.exp(z64 - z64.amax(-1, keepdim=True))
     tau, w = off_boundary(r, *tw)
     w = (w + 0.1).requires_grad_(True)  # all weights > 0 so every target is reachable
     target = torch.randint(0, z.shape[1], (z.shape[0],), generator=torch.Generator().manual_seed(seed))
-    impl.minpp_loss(z, target, tau, w).backward()
-    p = torch.softmax(z.double(), -1)
+    impl.minpp_loss(zd, target, tau, w).backward()
+    N = z.shape[0]
+    p = torch.softmax(z64, -1)
     passed = (tau.double()[None, None, :] <= r[..., None]).double()  # (N, V, K)
     c = (passed * w.detach().double()).sum(-1)  # (N, V)
-    rows = torch.arange(z.shape[0])
+    rows = torch.arange(N)
     grad = -passed[rows, target] / c[rows, target, None] + (p[..., None] * passed).sum(1) / (p * c).sum(1, keepdim=True)
     scale = (1 / c[rows, target]).mean().item()  # size of the two terms that cancel (scale invariance)
-    torch.testing.assert_close(w.grad.double(), grad.mean(0), rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(w.grad.double(), grad.mean(0), rtol=1e-4, atol=1e-5 * scale)  # w is float32
+    q = p * c / (p * c).sum(-1, keepdim=True)
+    gz = (q - torch.nn.functional.one_hot(target, z.shape[1]).double()) / N
+    assert zd.grad.dtype == dtype, "the gradient w.r.t. the logits comes in the logits' dtype"
+    torch.testing.assert_close(zd.grad.double(), gz, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["rtol"] / N)
 
 
 # --- the classic samplers
@@ -338,13 +390,9 @@ def check_renormalised(q, p64, kept):
     assert_close(q, p64 * kept / (p64 * kept).sum(-1, keepdim=True), "kept tokens renormalised")
 
 
-@given(z=logits(max_vocab=64), top_p=st.floats(1e-3, 1.0))
-def test_top_p_is_the_minimal_prefix(impl, z, top_p):
-    """Order-free: the argmax is kept, kept mass >= top_p, dropping the smallest kept value(s) goes below
-    top_p, every kept token >= every dropped one (MASS_SLACK at the mass boundary)."""
-    p = probs_of(z, torch.float32)
-    q = impl.apply_top_p(p, top_p)
-    p64 = p.double() / p.double().sum(-1, keepdim=True)
+def check_top_p(q, p64, top_p):
+    """Order-free nucleus properties: the argmax is kept, kept mass >= top_p, dropping the smallest kept
+    value(s) goes below top_p, every kept token >= every dropped one (MASS_SLACK at the mass boundary)."""
     for row_p, row_q in zip(p64, q):
         kept = row_q > 0
         assert row_p[kept].max() == row_p.max(), "a most likely token must be kept"
@@ -354,6 +402,12 @@ def test_top_p_is_the_minimal_prefix(impl, z, top_p):
         if (~kept).any():
             assert min_kept >= row_p[~kept].max()
     check_renormalised(q, p64, q > 0)
+
+
+@given(z=logits(max_vocab=64), top_p=st.floats(1e-3, 1.0))
+def test_top_p_is_the_minimal_prefix(impl, z, top_p):
+    p = probs_of(z, torch.float32)
+    check_top_p(impl.apply_top_p(p, top_p), p.double() / p.double().sum(-1, keepdim=True), top_p)
 
 
 def test_top_p_keeps_the_boundary_token(impl):
@@ -430,6 +484,191 @@ def test_order_of_combined_filters_is_transformers(impl):
     assert_close(q, torch.tensor([[0.5, 0.3, 0.15, 0]], dtype=torch.float64) / 0.95)
 
 
+def test_top_p_one_keeps_every_token_of_a_large_vocabulary(impl):
+    """top_p = 1 keeps all 50k tokens: a float32 cumsum reaches 1.0 long before the tail, and
+    (cumsum - p) < 1 then drops it (the bug zeroed tens of thousands of tokens)."""
+    p = torch.softmax(torch.randn(2, 50000, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    assert (p > 0).all()
+    q = impl.apply_top_p(p, 1.0)
+    assert (q > 0).all(), f"{int((q == 0).sum())} tokens dropped"
+    assert_close(q, p.double() / p.double().sum(-1, keepdim=True))
+
+
+def test_top_p_exclusive_cumsum_does_not_round(impl):
+    """transformers' own test vector: softmax(log[.3, .1, .1, .5]), top_p = 0.8 keeps 2 tokens (0.5 + 0.3
+    reaches 0.8: in float64 of the float32 inputs the mass before the third token is >= 0.8)."""
+    p = torch.softmax(torch.tensor([[0.3, 0.1, 0.1, 0.5]]).log(), -1)
+    q = impl.apply_top_p(p, 0.8)
+    assert (q > 0).tolist() == [[True, False, False, True]], q
+
+
+@pytest.mark.parametrize("T", [1e-38, 1e-30, 1e-12])
+def test_tiny_temperature_is_argmax_or_refused(impl, T):
+    """z / T overflows float32 for T = 1e-38: a correct implementation either stays finite (the limit is the
+    argmax, ties shared) or refuses the temperature naming it -- never NaN."""
+    z = torch.tensor([[10.0, 30.0, -20.0, 30.0], [5.0, 2.5, -10.0, 0.0]])
+    try:
+        q = impl.next_token_probs(z, temperature=T)
+    except ValueError as e:
+        assert "temperature" in str(e).lower() or repr(T) in str(e) or str(T) in str(e), e
+        return
+    assert_close(q, torch.tensor([[0, 0.5, 0, 0.5], [1.0, 0, 0, 0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("w", [[1e-44, 0.0, 0.0], [1e-45, 0.0, 0.0], [3e38, 3e38, 3e38], [1e-45, 3e38, 0.0]])
+def test_extreme_but_valid_weights(impl, w):
+    """q does not depend on the scale of w: subnormal or huge weights give the exact distribution (or a
+    ValueError that says why), never a wrong one, NaN or +inf."""
+    z = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    tau, w = torch.tensor([0.0, 0.3, 0.6]), torch.tensor(w)
+    try:
+        q = impl.minpp_probs(torch.softmax(z, -1), tau, w)
+        lz = impl.minpp_logits(z, tau, w)
+        loss = impl.minpp_loss(z, torch.tensor([1]), tau, w)
+    except ValueError:
+        return
+    w64 = torch.tensor(w.tolist(), dtype=torch.float64)
+    expected = minpp64(torch.softmax(z.double(), -1), tau, w64)
+    assert_close(q, expected)
+    assert not torch.isnan(lz).any() and not torch.isposinf(lz).any()
+    assert_close(torch.softmax(lz.double(), -1), expected)
+    assert_close(loss.reshape(()), -expected[0, 1].log())
+
+
+def test_loss_of_logits_far_apart_is_inf_like_cross_entropy(impl):
+    """exp(-6e38) underflows: the target's probability is 0 in float32 and F.cross_entropy says inf; so must
+    the loss (a warning is fine, a crash or NaN is not)."""
+    import warnings
+
+    z = torch.tensor([[3e38, -3e38, 0.0]])
+    assert torch.nn.functional.cross_entropy(z, torch.tensor([1])).item() == math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = impl.minpp_loss(z, torch.tensor([1]), torch.tensor([0.0, 0.5]), torch.ones(2))
+    assert loss.item() == math.inf
+
+
+@pytest.mark.parametrize("filters", [{}, {"temperature": 0.5}, {"top_k": 3}, {"top_p": 0.3}, {"min_p": 0.9},
+                                     {"minpp": (torch.tensor([0.0, 0.5]), torch.tensor([0.0, 1.0]))},
+                                     {"temperature": 2.0, "top_k": 1, "top_p": 0.5, "min_p": 0.5}])
+@given(z=logits(max_rows=6, max_vocab=64))
+def test_no_sampling_is_argmax_whatever_the_filters(impl, filters, z):
+    """do_sample=False: the argmax of the logits for every filter (each keeps the argmax; MinP+ never lowers
+    it); with tied maxima any of them."""
+    z = z.float()
+    tok = impl.next_token(z, do_sample=False, **filters)
+    assert tok.shape == (z.shape[0],)
+    assert (z[torch.arange(z.shape[0]), tok.long()] == z.amax(-1)).all(), (tok, z.argmax(-1))
+
+
+def _big_probs(V, dtype, seed=0):
+    z = torch.randn(3, V, generator=torch.Generator().manual_seed(seed)) * 4
+    return torch.softmax(z, -1).to(dtype)
+
+
+@pytest.mark.parametrize("V", [32000, 128256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_samplers_on_low_precision_large_vocabularies(impl, V, dtype):
+    """fp16 / bf16 probabilities at real vocabulary sizes: every sampler against float64 math on the same
+    rounded input, at the tolerance of the dtype the result comes in."""
+    p = _big_probs(V, dtype)
+    p64 = p.double() / p.double().sum(-1, keepdim=True)
+    r = p64 / p64.amax(-1, keepdim=True)
+    check_top_p(impl.apply_top_p(p, 0.9), p64, 0.9)
+    q = impl.apply_min_p(p, 0.1)
+    sure = (r - 0.1).abs() > 1e-6
+    assert torch.equal((q > 0)[sure], (r >= 0.1)[sure])
+    check_renormalised(q, p64, q > 0)
+    q = impl.apply_top_k(p, 50)
+    kth = torch.sort(p64, -1, descending=True).values[:, 49:50]
+    assert (q > 0)[p64 > kth].all() and not (q > 0)[p64 < kth].any()
+    check_renormalised(q, p64, q > 0)
+    tau, w = off_boundary(r, torch.tensor([0.0, 1e-4, 1e-2, 0.1, 0.5]), torch.tensor([0.1, 0.5, 1.0, 2.0, 0.3]))
+    assert_close(impl.minpp_probs(p, tau, w), minpp64(p64, tau, w), f"minpp_probs {dtype} V={V}")
+    z = torch.log(p.float()).to(dtype)  # logits in the low-precision dtype
+    z64 = z.double()
+    tau, w = off_boundary(torch.exp(z64 - z64.amax(-1, keepdim=True)), tau, w)
+    c = c64(torch.exp(z64 - z64.amax(-1, keepdim=True)), tau.double(), w.double())
+    assert_logits_close(impl.minpp_logits(z, tau, w), z64 + c.log(), f"minpp_logits {dtype} V={V}")
+    q = impl.next_token_probs(z, temperature=0.7, top_p=0.95)
+    check_top_p(q, torch.softmax(z64 / 0.7, -1), 0.95)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "5", 2.5, None, True])
+def test_bad_top_k_types_are_errors(impl, bad):
+    with pytest.raises(ValueError):
+        impl.apply_top_k(torch.softmax(torch.randn(2, 6), -1), bad)
+
+
+# --- generation and the transformers integration (through impl)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _left_pad(prompts, pad=0):
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = torch.as_tensor(p), 1
+    return ids, mask
+
+
+def _greedy_alone(model, prompt, n):
+    """Plain greedy decoding of one prompt, no cache: the independent ground truth."""
+    ids = torch.as_tensor(prompt)[None]
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_padded_batch_generates_what_each_prompt_alone_does(impl, tiny_lm):
+    """Left padding + attention_mask: every row equals greedy decoding of its prompt alone."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 40, (L,), generator=g).tolist() for L in (3, 7, 5, 1, 6)]
+    ids, mask = _left_pad(prompts)
+    out = impl.generate(tiny_lm, ids, 10, method="greedy", attention_mask=mask)
+    assert out == [_greedy_alone(tiny_lm, p, 10) for p in prompts]
+
+
+@pytest.mark.parametrize("T", [0.5, 0.7, 1.0, 1.5])
+def test_processor_is_temperature_then_minpp(impl, T):
+    """transformers runs user processors before its temperature warper. With temperature=T the processor's
+    mask equals TemperatureLogitsWarper(T) + MinPLogitsWarper(p) on one threshold, and for several
+    thresholds softmax(processor(z) / T) == softmax(z / T + log c(r after temperature))."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper
+
+    z = torch.randn(16, 500, generator=torch.Generator().manual_seed(3)) * 3
+    for pb in (0.05, 0.2):
+        ours = impl.minpp_logits_processor(torch.tensor([pb]), torch.ones(1), temperature=T)(None, z.clone())
+        theirs = MinPLogitsWarper(pb)(None, TemperatureLogitsWarper(T)(None, z.clone()))
+        assert torch.equal(torch.isneginf(ours), torch.isneginf(theirs)), f"min_p={pb}, T={T}"
+    z64 = z.double() / T
+    r = torch.exp(z64 - z64.amax(-1, keepdim=True))
+    tau, w = off_boundary(r, torch.tensor([0.0, 0.01, 0.1, 0.4]), torch.tensor([0.2, 0.5, 1.0, 2.0]))
+    out = impl.minpp_logits_processor(tau, w, temperature=T)(None, z.clone())
+    expected = minpp64(torch.softmax(z64, -1), tau, w)
+    assert_close(torch.softmax(out.double() / T, -1), expected, f"T={T}")
+
+
+@pytest.mark.parametrize("kw", [{"stop_strings": [""]}, {"stop_strings": "ab"}, {"max_new_tokens": 2.5},
+                                {"max_new_tokens": None}, {"max_new_tokens": -1}, {"input_ids": torch.tensor([1, 2])},
+                                {"input_ids": torch.zeros(1, 0, dtype=torch.long)}])
+def test_bad_generate_arguments_are_errors(impl, tiny_lm, kw):
+    args = dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=3, decode=lambda ids: "x" * len(ids))
+    args.update(kw)
+    with pytest.raises(ValueError):
+        impl.generate(tiny_lm, args.pop("input_ids"), args.pop("max_new_tokens"), method="greedy", **args)
+
+
 # ============================================================================
 # Part B: reference-only machinery (minpp_ref itself)
 
@@ -504,16 +743,6 @@ def test_bad_input_messages_say_where():
         ref.minpp_logits(torch.tensor([[0.0, 1.0], [float("-inf")] * 2]), torch.tensor([0.0]), torch.ones(1))
 
 
-@pytest.fixture(scope="module")
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def test_greedy_is_argmax_for_every_method(tiny_lm):
     prompt = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
     base = ref.generate(tiny_lm, prompt, 8, method="greedy")
@@ -576,3 +805,38 @@ def test_logits_processor_matches_min_p_warper_inside_generate(tiny_lm):
     ("no answer", "#### 9", False), ("#### 1 then #### 2", "#### 2", True)])
 def test_gsm8k_numeric_comparison(pred, gold, same):
     assert ref.answers_match(pred, gold) is same
+
+
+def test_chunked_loss_errors_name_the_global_row():
+    z = torch.randn(64, 20)
+    z[37, 11] = float("nan")
+    with pytest.raises(ValueError, match=r"entry \[37, 11\]"):
+        ref.minpp_loss(z, torch.zeros(64, dtype=torch.long), torch.tensor([0.0]), torch.ones(1), chunk_rows=8)
+    z[37, 11] = 0.0
+    z[45] = float("-inf")
+    with pytest.raises(ValueError, match=r"row \[45\]"):
+        ref.minpp_loss(z, torch.zeros(64, dtype=torch.long), torch.tensor([0.0]), torch.ones(1), chunk_rows=8)
+
+
+def test_head_file_with_mismatched_shapes_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"tau": torch.tensor([0.0, 0.1, 0.5]), "theta": torch.zeros(1)}, str(tmp_path / "h.safetensors"))
+    with pytest.raises(ValueError, match="theta"):
+        ref.MinPPlusHead.load(tmp_path / "h.safetensors")
+    save_file({"tau": torch.tensor([0.5, 0.1]), "theta": torch.zeros(2)}, str(tmp_path / "u.safetensors"))
+    with pytest.raises(ValueError, match="increasing"):
+        ref.MinPPlusHead.load(tmp_path / "u.safetensors")
+
+
+def test_processor_inside_generate_with_temperature(tiny_lm):
+    """model.generate(temperature=T, logits_processor=[minpp_logits_processor([p], [1], T)]) draws exactly
+    what generate(temperature=T, min_p=p) draws."""
+    prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(0))
+    common = dict(max_new_tokens=12, do_sample=True, top_k=0, top_p=1.0, pad_token_id=0, temperature=1.7)
+    torch.manual_seed(5)
+    proc = ref.minpp_logits_processor(torch.tensor([0.1]), torch.ones(1), temperature=1.7)
+    a = tiny_lm.generate(prompt, logits_processor=[proc], **common)
+    torch.manual_seed(5)
+    b = tiny_lm.generate(prompt, min_p=0.1, **common)
+    assert torch.equal(a, b)
