@@ -25,6 +25,12 @@ import sys
 
 import torch
 
+def _whole(name, v, lo=1):
+    """A whole-number argument (not a float, bool or str) >= lo, else a ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
+
+
 # ----------------------------------------------------------------------------
 # Adam features
 
@@ -67,44 +73,107 @@ def _sign_table(device):
     return (1 - 2 * bits).float()
 
 
+def _seeds(seed, salt):
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be a whole number in [0, 2^32), got {seed!r}")
+    return _fmix32(seed ^ 0x9E3779B9 ^ salt), _fmix32(seed ^ 0x7F4A7C15 ^ salt)
+
+
+def _words(counter, s1, s2):
+    """32 random bits per int64 counter c = hi * 2^32 + lo: fmix32(fmix32(lo ^ s1) ^ hi ^ s2). Distinct
+    counters are distinct hash inputs for every c < 2^63 (nothing is dropped from the counter)."""
+    return _fmix32(_fmix32((counter & _M32) ^ s1) ^ (counter >> 32) ^ s2)
+
+
+def _check_rows(row0, nrows, per_row):
+    """The counter row * per_row + j must stay below 2^63: rows < 2^63 / per_row (2^55 at k = 8192)."""
+    if isinstance(row0, bool) or not isinstance(row0, int) or row0 < 0:
+        raise ValueError(f"row_offset must be a whole number >= 0, got {row0!r}")
+    if (row0 + nrows) * per_row >= 2 ** 63:
+        raise ValueError(f"rows up to {row0 + nrows} exceed the projection's limit of 2^63 / {per_row} "
+                         f"= {2 ** 63 // per_row} rows for this proj_dim")
+
+
 def rademacher_block(seed, row0, nrows, proj_dim, device="cpu"):
     """Rows [row0, row0 + nrows) of R in {-1, +1}^(D x proj_dim), float32 (nrows, proj_dim).
 
-    Word (i, j // 32) = fmix32(fmix32(lo ^ s1) ^ hi ^ s2), with counter i * W + j // 32 = hi * 2^32 + lo and
-    W = ceil(proj_dim / 32); sign (i, j) is bit j % 32 of that word. Collision-free while D * W < 2^32."""
-    if not 0 <= seed < 2 ** 32:
-        raise ValueError(f"seed must be in [0, 2^32), got {seed}")
-    s1, s2 = _fmix32(seed ^ 0x9E3779B9), _fmix32(seed ^ 0x7F4A7C15)
+    Word (i, j // 32) = _words(i * W + j // 32), W = ceil(proj_dim / 32); sign (i, j) is bit j % 32 of that
+    word (0 -> +1). Valid for rows < 2^63 / W (2^55 at proj_dim = 8192); past that an error."""
+    s1, s2 = _seeds(seed, 0)
     W = (proj_dim + 31) // 32
+    _check_rows(row0, nrows, W)
     rows = torch.arange(row0, row0 + nrows, device=device, dtype=torch.int64)
-    counter = rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64)  # (nrows, W)
-    words = _fmix32(_fmix32((counter & _M32) ^ s1) ^ (counter >> 32) ^ s2)
+    words = _words(rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64), s1, s2)  # (nrows, W)
     byte = (words[..., None] >> torch.arange(0, 32, 8, device=device)) & 0xFF  # (nrows, W, 4)
     return _sign_table(device)[byte].reshape(nrows, W * 32)[:, :proj_dim]  # (nrows, proj_dim)
 
 
-def project(x, proj_dim, seed=0, block_rows=None):
-    """y = x @ R / sqrt(proj_dim), R Rademacher from rademacher_block, float32 (N, proj_dim).
+def sjlt_block(seed, row0, nrows, proj_dim, s):
+    """The sparse JL transform's rows [row0, row0 + nrows): columns (nrows, s) and signs (nrows, s).
 
-    R is generated block_rows rows at a time on x's device (default: ~2^24 entries per block) and never
-    held whole. R itself does not depend on block_rows, batch split or device; y does only up to float32
-    summation order."""
+    Block construction (Kane & Nelson): proj_dim is split into s blocks of proj_dim / s columns and row i
+    has exactly one nonzero in each, column t * (proj_dim / s) + h_t(i) with sign +-1, from word
+    _words(i * s + t) of a seed stream separate from the dense kind's (bit 0: sign, bits 1-31: column)."""
+    s1, s2 = _seeds(seed, 0x51A7)
+    _check_rows(row0, nrows, s)
+    rows = torch.arange(row0, row0 + nrows, dtype=torch.int64)
+    t = torch.arange(s, dtype=torch.int64)
+    words = _words(rows[:, None] * s + t, s1, s2)  # (nrows, s)
+    cols = t * (proj_dim // s) + (words >> 1) % (proj_dim // s)
+    return cols, (1 - 2 * (words & 1)).float()
+
+
+PROJECTION_KINDS = {"rademacher": PROJECTION, "sjlt": "sjlt-fmix32-v1"}
+SJLT_S = 4  # nonzeros per input coordinate; see project()
+
+
+def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, block_rows=None):
+    """y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim); x is (N, D) or (D,).
+
+    kind 'rademacher' (the paper's, default): R in {-1, +1}, scale sqrt(proj_dim), O(D * proj_dim) per row.
+    kind 'sjlt': each coordinate i goes to s columns with random signs (sjlt_block), scale sqrt(s), O(D * s)
+    per row -- the sparse JL transform dattri uses instead of TRAK's fast_jl. s = 4 by default: the JL
+    literature asks s ~ eps^-1 log(1/delta) for worst-case (sparse) inputs; on dense gradients s = 1..4 give the
+    dense kind's distortion (benchmarks/bench.py jl), and s = 4 keeps a few large coordinates from sharing
+    a single column. proj_dim % s == 0.
+    row_offset: x holds rows [row_offset, row_offset + D) of the gradient, so slices of one gradient (per layer,
+    an FSDP rank's flat shard) project separately and sum to the whole. R is generated block_rows rows at a
+    time on x's device and never held whole; it does not depend on block_rows, batch split, slicing or device,
+    and y does only up to float32 summation order."""
     squeeze = x.dim() == 1
     x = x[None] if squeeze else x
+    if x.dim() != 2:
+        raise ValueError(f"x must be (N, D) or (D,), got shape {tuple(x.shape)}")
     N, D = x.shape
-    if proj_dim < 1:
-        raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
-    block_rows = block_rows or max(1, 2 ** 24 // proj_dim)
+    if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1:
+        raise ValueError(f"proj_dim must be a whole number >= 1, got {proj_dim!r}")
     out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)
+    if kind == "rademacher":
+        _check_rows(row_offset, D, (proj_dim + 31) // 32)
+        block_rows = block_rows or max(1, 2 ** 24 // proj_dim)
+        for r0 in range(0, D, block_rows):
+            nr = min(block_rows, D - r0)
+            out.addmm_(x[:, r0:r0 + nr].float(), rademacher_block(seed, row_offset + r0, nr, proj_dim, x.device))
+        return (out[0] if squeeze else out).div_(math.sqrt(proj_dim))
+    if kind != "sjlt":
+        raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1 or proj_dim % s:
+        raise ValueError(f"sjlt needs a whole number s >= 1 dividing proj_dim={proj_dim}, got s={s!r}")
+    _check_rows(row_offset, D, s)
+    out_t = out.T  # (proj_dim, N) view: index_add_ adds whole rows of N contiguous values
+    block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
     for r0 in range(0, D, block_rows):
         nr = min(block_rows, D - r0)
-        out.addmm_(x[:, r0:r0 + nr].float(), rademacher_block(seed, r0, nr, proj_dim, x.device))
-    out /= math.sqrt(proj_dim)
-    return out[0] if squeeze else out
+        cols, signs = sjlt_block(seed, row_offset + r0, nr, proj_dim, s)
+        xt = x[:, r0:r0 + nr].T.float()  # (nr, N)
+        out_t.index_add_(0, cols.to(x.device).reshape(-1), (xt[:, None, :] * signs.to(x.device)[..., None]).reshape(-1, N))
+    return (out[0] if squeeze else out).div_(math.sqrt(s))
 
 
-def projection_identity(grad_dim, proj_dim, seed):
-    return {"projection": PROJECTION, "grad_dim": int(grad_dim), "proj_dim": int(proj_dim), "seed": int(seed)}
+def projection_identity(grad_dim, proj_dim, seed, kind="rademacher", s=SJLT_S):
+    """What a stored feature file records: features of different identities are never matched."""
+    ident = {"projection": PROJECTION_KINDS[kind], "grad_dim": int(grad_dim), "proj_dim": int(proj_dim), "seed": int(seed)}
+    return dict(ident, sjlt_s=int(s)) if kind == "sjlt" else ident
 
 
 # ----------------------------------------------------------------------------
@@ -112,12 +181,17 @@ def projection_identity(grad_dim, proj_dim, seed):
 
 
 def _normalise_rows(x, what):
+    """x / |x| per row in float32, scaled by the row's max |entry| first so that norms of rows with 1e20 or
+    1e-30 entries neither overflow nor underflow. A zero or non-finite row is an error naming it."""
     x = x.float()
-    norm = x.norm(dim=-1, keepdim=True)
-    bad = ~torch.isfinite(norm[:, 0]) | (norm[:, 0] == 0)
+    bad = ~torch.isfinite(x).all(-1)
     if bad.any():
-        raise ValueError(f"{what} row {bad.nonzero()[0].item()} has a zero or non-finite norm")
-    return x / norm
+        raise ValueError(f"{what} row {bad.nonzero()[0].item()} has a non-finite entry")
+    top = x.abs().amax(-1, keepdim=True)
+    if (top[:, 0] == 0).any():
+        raise ValueError(f"{what} row {(top[:, 0] == 0).nonzero()[0].item()} is all zeros: it has no direction")
+    x = x / top
+    return x / x.norm(dim=-1, keepdim=True)
 
 
 def influence_scores(train, val, checkpoint_weights=None, n_subtasks=1):
@@ -129,12 +203,17 @@ def influence_scores(train, val, checkpoint_weights=None, n_subtasks=1):
     val = [val] if torch.is_tensor(val) else list(val)
     if len(train) != len(val) or not train:
         raise ValueError(f"need one train and one val tensor per checkpoint, got {len(train)} and {len(val)}")
+    _whole("n_subtasks", n_subtasks)
+    for i, (t, v) in enumerate(zip(train, val)):
+        if t.dim() != 2 or v.dim() != 2 or t.shape[0] == 0 or v.shape[0] == 0:
+            raise ValueError(f"checkpoint {i}: train {tuple(t.shape)} and val {tuple(v.shape)} must be non-empty "
+                             "(N, k) and (M, k): an empty side has no score")
     eta = torch.ones(len(train)) if checkpoint_weights is None else torch.as_tensor(checkpoint_weights, dtype=torch.float64)
     if eta.numel() != len(train) or (eta < 0).any() or eta.sum() <= 0 or not torch.isfinite(eta).all():
         raise ValueError(f"checkpoint_weights must be {len(train)} finite non-negative numbers with a positive sum, got {eta.tolist()}")
     eta = (eta / eta.sum()).tolist()
     M = val[0].shape[0]
-    if n_subtasks < 1 or M % n_subtasks:
+    if M % n_subtasks:
         raise ValueError(f"n_subtasks={n_subtasks} does not divide the {M} validation examples into equal subtasks")
     sim = 0
     for i, (t, v) in enumerate(zip(train, val)):
@@ -148,7 +227,11 @@ def select_top(scores, fraction=None, k=None):
     """Indices of the k highest scores, descending, ties by position; k = int(fraction * N) as in LESS."""
     if (fraction is None) == (k is None):
         raise ValueError("give exactly one of fraction or k")
+    if not torch.is_tensor(scores) or scores.dim() != 1:
+        raise ValueError(f"scores must be a 1-D tensor (one score per example), got {getattr(scores, 'shape', type(scores))}")
     N = scores.shape[0]
+    if k is not None:
+        _whole("k", k, 0)
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -163,7 +246,10 @@ def select_top(scores, fraction=None, k=None):
 def checkpoint_weights_from_trainer_state(path):
     """eta_i = mean logged learning rate of epoch i (log entries with epoch in (i - 1, i]) from trainer_state.json."""
     with open(path) as f:
-        log = [e for e in json.load(f)["log_history"] if "learning_rate" in e and "epoch" in e]
+        state = json.load(f)
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise ValueError(f"{path} has no 'log_history' list: not a transformers trainer_state.json")
+    log = [e for e in state["log_history"] if isinstance(e, dict) and "learning_rate" in e and "epoch" in e]
     if not log:
         raise ValueError(f"{path} has no log entry with both 'learning_rate' and 'epoch'")
     by_epoch = {}
@@ -185,21 +271,56 @@ def _as_long(x):
     return torch.as_tensor(x, dtype=torch.long)
 
 
-def check_examples(examples):
-    """Ids unique; every example has at least one scored label (an all -100 example has no loss: HF gives NaN)."""
+def _token_tensor(ex, key, i):
+    """ex[key] as a 1-D long tensor; float values (84.7), other shapes or a missing key are errors naming the id."""
+    sid = ex["id"]
+    if key not in ex:
+        raise ValueError(f"sample id {sid!r} (position {i}) has no {key!r}")
+    t = torch.as_tensor(ex[key])
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"sample id {sid!r}: {key} must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        if not (t.is_floating_point() and torch.equal(t, t.round())):
+            raise ValueError(f"sample id {sid!r}: {key} must be whole numbers, got {t[t != t.round()][:3].tolist() if t.is_floating_point() else t.dtype}")
+    return t.long()
+
+
+def _vocab_size(model):
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    return getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_examples(examples, vocab_size=None):
+    """Every example is a dict with an 'id' (str or int, unique) and 1-D whole-number 'input_ids' and 'labels'
+    of one length; token ids in [0, vocab_size) and labels -100 or in [0, vocab_size) when vocab_size is known;
+    at least one scored label (an all -100 example has no loss: HF gives NaN). Errors name the sample id."""
     seen, empty = {}, []
     for i, ex in enumerate(examples):
-        if ex["id"] in seen:
-            raise ValueError(f"duplicate sample id {ex['id']!r} at positions {seen[ex['id']]} and {i}")
-        seen[ex["id"]] = i
-        lab = _as_long(ex["labels"])
-        if lab.shape != _as_long(ex["input_ids"]).shape:
-            raise ValueError(f"sample id {ex['id']!r}: labels and input_ids differ in length")
+        if not isinstance(ex, dict) or "id" not in ex:
+            raise ValueError(f"example at position {i} has no 'id' (examples are dicts with 'id', 'input_ids', 'labels')")
+        sid = ex["id"]
+        if isinstance(sid, bool) or not isinstance(sid, (str, int)):
+            raise ValueError(f"sample id at position {i} must be a str or int (stored as JSON), got {type(sid).__name__} {sid!r}")
+        if sid in seen:
+            raise ValueError(f"duplicate sample id {sid!r} at positions {seen[sid]} and {i}")
+        seen[sid] = i
+        ids, lab = _token_tensor(ex, "input_ids", i), _token_tensor(ex, "labels", i)
+        if lab.shape != ids.shape:
+            raise ValueError(f"sample id {sid!r}: labels and input_ids differ in length ({lab.numel()} vs {ids.numel()})")
+        hi = vocab_size if vocab_size is not None else float("inf")
+        bad = (ids < 0) | (ids >= hi)
+        if bad.any():
+            raise ValueError(f"sample id {sid!r}: token id {ids[bad][0].item()} at index {bad.nonzero()[0].item()} "
+                             f"is outside the vocabulary [0, {vocab_size})")
+        bad = (lab != -100) & ((lab < 0) | (lab >= hi))
+        if bad.any():
+            raise ValueError(f"sample id {sid!r}: label {lab[bad][0].item()} at index {bad.nonzero()[0].item()} "
+                             f"is neither -100 nor in [0, {vocab_size})")
         if (lab[1:] == -100).all():  # position 0 is never predicted
-            empty.append(ex["id"])
+            empty.append(sid)
     if empty:
-        raise ValueError(f"{len(empty)} example(s) have no response token (labels all -100), ids {empty[:10]}: "
-                         "drop them before collecting")
+        raise ValueError(f"{len(empty)} example(s) have no response token (labels all -100 after position 0), "
+                         f"ids {empty[:10]}: drop them before collecting")
 
 
 def example_gradients(model, examples, method="vmap"):
@@ -209,10 +330,11 @@ def example_gradients(model, examples, method="vmap"):
     'loop': one backward per example (the original's batch size 1). 'vmap': torch.func over a right-padded
     batch with padding labelled -100 and no attention mask -- causal attention never lets a real token
     see the padding after it, so each row equals the loop up to float rounding."""
-    model.eval()
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameter (requires_grad): nothing to take gradients of")
+    check_examples(examples, _vocab_size(model))
+    model.eval()
     if method == "loop":
         rows = []
         for ex in examples:
@@ -239,8 +361,9 @@ def example_gradients(model, examples, method="vmap"):
     return torch.cat([g[n].reshape(len(examples), -1).float() for n, _ in params], 1)
 
 
-def gradient_features(grads, grad_type, adam_state=None):
-    """'sgd': g; 'sign': sign(g); 'adam': adam_features(g, m, v) with adam_state = (m, v). float32."""
+def gradient_features(grads, grad_type, adam_state=None, eps_outside=False):
+    """'sgd': g; 'sign': sign(g); 'adam': adam_features(g, m, v, eps_outside=...) with adam_state = (m, v).
+    float32."""
     if grad_type == "sgd":
         return grads.float()
     if grad_type == "sign":
@@ -248,7 +371,7 @@ def gradient_features(grads, grad_type, adam_state=None):
     if grad_type == "adam":
         if adam_state is None:
             raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state (exp_avg, exp_avg_sq)")
-        return adam_features(grads, *adam_state)
+        return adam_features(grads, *adam_state, eps_outside=eps_outside)
     raise ValueError(f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
 
 
@@ -284,7 +407,18 @@ def adam_state(model, source, param_order=None):
     if isinstance(source, torch.optim.Optimizer):
         by_name = {n: source.state.get(p) for n, p in params}
     else:
-        sd = torch.load(source, map_location="cpu", weights_only=True)
+        if source is None:
+            raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state: a live optimizer or the path of "
+                             "optimizer.pt / optimizer.bin")
+        try:
+            sd = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # a safetensors file, a pickle with code, a truncated file
+            raise ValueError(f"{source}: not a torch optimizer state_dict that loads with weights_only=True "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict):
+            keys = list(sd)[:5] if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(f"{source}: not an optimizer state_dict (no 'state' entry; found {keys}); "
+                             "a model state_dict or another file was given as optimizer state")
         state = sd["state"]
         if all(isinstance(k, str) for k in state):
             stripped = {_strip(k): v for k, v in state.items()}
@@ -318,12 +452,35 @@ def adam_state(model, source, param_order=None):
 # collection and storage: row i of every feature file belongs to ids[i]
 
 
+def _hash_tensor(h, t, chunk_bytes=2 ** 28):
+    """Feed t's raw bytes to h, chunk by chunk (a GPU tensor is copied 256 MiB at a time), no numpy."""
+    import ctypes
+
+    flat = t.detach().reshape(-1)
+    step = max(1, chunk_bytes // max(1, flat.element_size()))
+    for i in range(0, flat.numel(), step):
+        part = flat[i:i + step].contiguous().cpu()
+        h.update(memoryview((ctypes.c_char * (part.numel() * part.element_size())).from_address(part.data_ptr())))
+
+
 def model_fingerprint(model):
-    """sha256 (16 hex) of trainable names, shapes, dtypes and per-parameter float64 sum and sum of squares."""
+    """sha256 (16 hex) of every parameter's name, shape, dtype, trainable flag and bytes (frozen ones too: a
+    changed base model changes every gradient), in named_parameters() order. Content, not sums: a permutation
+    of values changes it."""
     h = hashlib.sha256()
-    for n, p in trainable_parameters(model):
-        d = p.detach().double()
-        h.update(f"{n}|{tuple(p.shape)}|{p.dtype}|{d.sum().item():.10e}|{(d * d).sum().item():.10e};".encode())
+    for n, p in model.named_parameters():
+        h.update(f"{n}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad};".encode())
+        _hash_tensor(h, p)
+    return h.hexdigest()[:16]
+
+
+def optimizer_fingerprint(adam):
+    """sha256 (16 hex) of exp_avg and exp_avg_sq in gradient layout order (None without optimizer state)."""
+    if adam is None:
+        return None
+    h = hashlib.sha256()
+    for t in adam:
+        _hash_tensor(h, t)
     return h.hexdigest()[:16]
 
 
@@ -339,16 +496,29 @@ def _write_atomic(tensors, metadata, path):
 
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; other users' ranks must read it like any file
     os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _read_features(path):
-    """(tensors, metadata) of a feature file, opened once; rows and ids must match."""
+    """(tensors, metadata) of a feature file, opened once; rows and ids must match. An unreadable or truncated
+    file is a ValueError naming it."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable feature file ({type(e).__name__}: {e}); delete it and re-run") from None
+    if "features" not in tensors or "ids" not in meta or "identity" not in meta:
+        raise ValueError(f"{path}: not a feature file (needs 'features', 'ids' and 'identity')")
     if tensors["features"].shape[0] != len(meta["ids"]):
         raise ValueError(f"{path}: {tensors['features'].shape[0]} feature rows but {len(meta['ids'])} ids")
     return tensors, meta
@@ -417,38 +587,91 @@ def _check_identity(out_dir, identity):
     return None
 
 
+def _chunk_ok(path, identity, positions):
+    """True if a chunk left by an earlier run is complete and ours; a torn or foreign one is removed."""
+    try:
+        tensors, meta = _read_features(path)
+        if meta["identity"] == identity and tensors["positions"].tolist() == positions:
+            return True
+    except (ValueError, KeyError):
+        pass
+    import warnings
+
+    warnings.warn(f"{path}: truncated, unreadable or of another configuration; recomputing it")
+    os.remove(path)
+    return False
+
+
 def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state=None, proj_dim=8192, seed=0,
-                     checkpoint="", chunk_size=160, batch_size=8, method="vmap", progress=True, merge=True):
-    """Per-example features of `examples` (dicts with 'id', 'input_ids', 'labels'), projected, written to
-    out_dir/shard-RRR-of-WWW/ as chunk files of chunk_size rows (features + positions + ids + identity),
-    each written atomically; then (merge=True) merged by rank 0 into out_dir/features.safetensors.
+                     checkpoint="", chunk_size=160, batch_size=8, method="vmap", progress=True, merge=True,
+                     kind="rademacher", sjlt_s=SJLT_S):
+    """Per-example features of `examples` (dicts with 'id', 'input_ids', 'labels'), projected (project(kind,
+    s=sjlt_s)), written to out_dir/shard-RRR-of-WWW/ as chunk files of chunk_size rows (features + positions +
+    ids + identity), each written atomically; then (merge=True) merged by rank 0 into out_dir/features.safetensors.
 
     Under torch.distributed (torchrun; gloo or nccl; out_dir on a shared filesystem) rank r takes its
-    DistributedSampler shard. Re-running with the same arguments resumes: finished chunks are kept, not
-    recomputed. A change of model, checkpoint, optimizer state, projection, gradient type, data or world size
-    is refused with a clear error. Non-finite gradients are an error naming the sample id."""
+    DistributedSampler shard. Re-running with the same arguments resumes: finished chunks are kept (a torn or
+    unreadable one is recomputed, temp files of killed writes removed). A change of any parameter's content
+    (frozen ones too), optimizer moments, checkpoint, projection, gradient type, data or world size is refused
+    with the field that changed. Arguments are checked before anything is written. Non-finite gradients are an
+    error naming the sample id; an error on one rank stops every rank promptly with its cause."""
     rank, world = _world()
     examples = list(examples)
-    check_examples(examples)
+    if grad_type not in ("sgd", "sign", "adam"):
+        raise ValueError(f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
+    _whole("chunk_size", chunk_size)
+    _whole("batch_size", batch_size)
+    project(torch.zeros(1, 1), proj_dim, seed, kind=kind, s=sjlt_s)  # checks proj_dim, seed, kind, s
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameter (requires_grad): nothing to take gradients of")
+    check_examples(examples, _vocab_size(model))
     adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
-    D = sum(p.numel() for _, p in trainable_parameters(model))
-    identity = dict(projection_identity(D, proj_dim, seed), grad_type=grad_type, checkpoint=str(checkpoint),
-                    model=model_fingerprint(model), data=data_fingerprint(examples), n_examples=len(examples),
-                    chunk_size=chunk_size, world_size=world,
-                    optimizer=None if adam is None else f"{adam[0].double().sum().item():.10e}|{adam[1].double().sum().item():.10e}")
+    D = sum(p.numel() for _, p in params)
+    identity = dict(projection_identity(D, proj_dim, seed, kind, sjlt_s), grad_type=grad_type,
+                    checkpoint=str(checkpoint), model=model_fingerprint(model), data=data_fingerprint(examples),
+                    n_examples=len(examples), chunk_size=chunk_size, world_size=world,
+                    optimizer=optimizer_fingerprint(adam))
     _agree(rank, world, _check_identity(out_dir, identity) if rank == 0 else None)  # rank 0 writes or checks it
     if world > 1:  # then every other rank must have the same configuration (same data, model, ...)
         _agree(rank, world, _check_identity(out_dir, identity) if rank else None)
     positions = shard_positions(len(examples), rank, world)
     shard = _shard_dir(out_dir, rank, world)
     os.makedirs(shard, exist_ok=True)
+    for f in os.listdir(shard):  # temp files of writes killed half-way (only this rank writes here)
+        if ".tmp" in f:
+            os.remove(os.path.join(shard, f))
     chunks = [positions[i:i + chunk_size] for i in range(0, len(positions), chunk_size)]
-    todo = [c for c in range(len(chunks)) if not os.path.exists(_chunk_path(shard, c))]
+    todo = [c for c in range(len(chunks))
+            if not (os.path.exists(_chunk_path(shard, c)) and _chunk_ok(_chunk_path(shard, c), identity, chunks[c]))]
+    error = None
+    try:
+        _collect_chunks(model, examples, shard, chunks, todo, grad_type, adam, proj_dim, seed, kind, sjlt_s,
+                        identity, batch_size, method, progress, rank, checkpoint)
+    except Exception as e:  # tell the other ranks, so they stop now instead of waiting at a barrier
+        if world == 1:
+            raise
+        error = e
+    if world > 1:
+        try:
+            _agree(rank, world, f"{type(error).__name__}: {error}" if error else None)
+        except ValueError:
+            if error:
+                raise error
+            raise
+    if not merge:
+        return None
+    _agree(rank, world, _try(merge_features, out_dir) if rank == 0 else None)
+    return os.path.join(out_dir, "features.safetensors")
+
+
+def _collect_chunks(model, examples, shard, chunks, todo, grad_type, adam, proj_dim, seed, kind, sjlt_s, identity,
+                    batch_size, method, progress, rank, checkpoint):
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(positions), initial=len(positions) - sum(len(chunks[c]) for c in todo),
+        bar = tqdm(total=sum(map(len, chunks)), initial=sum(map(len, chunks)) - sum(len(chunks[c]) for c in todo),
                    desc=f"rank {rank}: {grad_type} features {checkpoint}", position=rank)
     for c in todo:
         chunk = [examples[i] for i in chunks[c]]
@@ -460,21 +683,13 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
             if bad.any():
                 raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
                                  f"(bf16 overflow or a broken example); its score would be meaningless")
-            rows.append(project(gradient_features(g, grad_type, adam), proj_dim, seed))
+            rows.append(project(gradient_features(g, grad_type, adam), proj_dim, seed, kind=kind, s=sjlt_s))
             if bar:
                 bar.update(len(batch))
         _write_atomic({"features": torch.cat(rows).cpu().contiguous(), "positions": torch.tensor(chunks[c])},
                       {"ids": [ex["id"] for ex in chunk], "identity": identity}, _chunk_path(shard, c))
     if bar:
         bar.close()
-    if not merge:
-        return None
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    _agree(rank, world, _try(merge_features, out_dir) if rank == 0 else None)
-    return os.path.join(out_dir, "features.safetensors")
 
 
 def _try(fn, *args):
@@ -535,22 +750,38 @@ def validate_features(path):
     return len(ids)
 
 
+_PER_FILE = ("grad_type", "data", "n_examples", "chunk_size", "world_size", "optimizer")  # may differ train vs val
+
+
+def _first_difference(a, b):
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"position {i}: {a[i] if i < len(a) else '(none)'!r} vs {b[i] if i < len(b) else '(none)'!r}"
+
+
 def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
     """influence_scores over merged feature files (one train and one val file per checkpoint), after checking
-    that each pair shares projection, gradient dimension, checkpoint and model. Returns (scores, train ids)."""
-    train, val, ids = [], [], None
-    for tp, vp in zip(train_paths, val_paths, strict=True):
+    that each pair shares projection (kind, seed, sizes), checkpoint and model, and that the train files (and
+    the val files) hold the same ids in the same order at every checkpoint. Returns (scores, train ids)."""
+    train_paths, val_paths = list(train_paths), list(val_paths)
+    if len(train_paths) != len(val_paths) or not train_paths:
+        raise ValueError(f"need one train and one val file per checkpoint, got {len(train_paths)} and {len(val_paths)}")
+    train, val, first = [], [], None
+    for tp, vp in zip(train_paths, val_paths):
         t, t_ids, ti = load_features(tp)
-        v, _, vi = load_features(vp)
-        for key in ("projection", "grad_dim", "proj_dim", "seed", "checkpoint", "model"):
-            if ti[key] != vi[key]:
-                raise ValueError(f"{tp} and {vp} are incompatible: {key} is {ti[key]!r} vs {vi[key]!r}")
-        if ids is not None and t_ids != ids:
-            raise ValueError(f"{tp}: its ids differ from the first checkpoint's train file")
-        ids = t_ids
+        v, v_ids, vi = load_features(vp)
+        for key in sorted((set(ti) | set(vi)) - set(_PER_FILE)):
+            if ti.get(key) != vi.get(key):
+                raise ValueError(f"{tp} and {vp} are incompatible: {key} is {ti.get(key)!r} vs {vi.get(key)!r}")
+        if first is None:
+            first = (tp, t_ids, vp, v_ids)
+        elif t_ids != first[1]:
+            raise ValueError(f"{tp} holds other examples than {first[0]} (first difference at {_first_difference(t_ids, first[1])})")
+        elif v_ids != first[3]:
+            raise ValueError(f"{vp} holds other examples than {first[2]} (first difference at {_first_difference(v_ids, first[3])}): "
+                             "the mean over subtasks needs the same validation examples in the same order")
         train.append(t)
         val.append(v)
-    return influence_scores(train, val, checkpoint_weights, n_subtasks), ids
+    return influence_scores(train, val, checkpoint_weights, n_subtasks), first[1]
 
 
 # ----------------------------------------------------------------------------
@@ -567,24 +798,43 @@ def flex_plan(warmup_step, update_step, update_times):
     return [warmup_step + j * update_step for j in range(update_times)], warmup_step + update_step * update_times
 
 
-def select_step(model, optimizer, pool, val, n_select, proj_dim=8192, seed=0, batch_size=8, method="vmap"):
+def select_step(model, optimizer, pool, val, n_select, proj_dim=8192, seed=0, batch_size=8, method="vmap",
+                eps_outside=True, kind="rademacher", sjlt_s=SJLT_S, progress=False):
     """Indices (long tensor, descending score) of the n_select pool examples whose Adam features (live
     optimizer moments, current weights) align best on average with the validation gradients -- DataFlex's
     score: one checkpoint, mean over validation examples. n_select = total_train_batch_size * update_step.
 
-    Under torch.distributed each rank scores pool[r::world]; rank 0 decides and broadcasts, so ranks never
-    disagree."""
+    eps_outside=True (default) is DataFlex's m_hat / (sqrt(v_hat) + eps); False gives LESS's
+    m_hat / sqrt(v_hat + eps). The model's train/eval mode is restored afterwards (gradients are taken in
+    eval mode). Under torch.distributed each rank scores pool[r::world]; rank 0 decides and broadcasts, so
+    ranks never disagree. progress=True shows a bar per rank."""
     rank, world = _world()
+    _whole("n_select", n_select, 0)
     adam = adam_state(model, optimizer)
+    was_training = model.training
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(val) + len(range(rank, len(pool), world)), desc=f"rank {rank}: select_step", position=rank)
 
     def feats(examples, grad_type):
-        rows = [project(gradient_features(example_gradients(model, examples[b:b + batch_size], method), grad_type, adam),
-                        proj_dim, seed) for b in range(0, len(examples), batch_size)]
+        rows = []
+        for b in range(0, len(examples), batch_size):
+            g = example_gradients(model, examples[b:b + batch_size], method)
+            rows.append(project(gradient_features(g, grad_type, adam, eps_outside), proj_dim, seed, kind=kind, s=sjlt_s))
+            if bar:
+                bar.update(g.shape[0])
         return torch.cat(rows) if rows else torch.zeros(0, proj_dim)
 
-    mine = list(range(rank, len(pool), world))
-    v = feats(val, "sgd")
-    local = influence_scores(feats([pool[i] for i in mine], "adam"), v).cpu() if mine else torch.zeros(0)
+    try:
+        mine = list(range(rank, len(pool), world))
+        v = feats(val, "sgd")
+        local = influence_scores(feats([pool[i] for i in mine], "adam"), v).cpu() if mine else torch.zeros(0)
+    finally:
+        model.train(was_training)
+        if bar:
+            bar.close()
     scores = torch.full((len(pool),), float("nan"))
     scores[mine] = local
     if world == 1:
