@@ -2,7 +2,9 @@
 
 - `impl`: the module under test. The reference (minpp_ref / less_ref) by default; any importable module
   named with --minpp-impl / --less-impl or MINPP_IMPL / LESS_IMPL. A function the candidate lacks skips
-  the tests that need it, with a reason naming it; the run's summary lists what was not provided.
+  the tests that need it, with a reason naming it; the run's summary lists what was not provided and how
+  many tests reached the candidate. When a candidate is named, the tests of that file that do not use
+  `impl` (reference-only internals) are deselected: the run spends its time on the candidate.
 - Hypothesis profiles: "ci" (default, fast) and "thorough" (--hypothesis-profile thorough, or
   HYPOTHESIS_PROFILE=thorough).
 - TOL: one per-dtype tolerance table. `device`: cpu, plus cuda where present (skipped cleanly elsewhere).
@@ -77,12 +79,47 @@ def impl(request):
     return Impl(module, kind)
 
 
+def _candidates(config):
+    """{test file kind: module name} for the kinds whose implementation is not the reference."""
+    return {kind: config.getoption(f"--{kind}-impl") for kind, (ref, _) in _MODULES.items()
+            if config.getoption(f"--{kind}-impl") != ref}
+
+
+def pytest_collection_modifyitems(config, items):
+    cand = _candidates(config)
+    if not cand:
+        return
+    keep, drop = [], []
+    for item in items:
+        kind = getattr(item.module, "IMPL_KIND", None)
+        (drop if kind in cand and "impl" not in item.fixturenames else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+_REACHED = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and "impl" in item.fixturenames and rep.outcome in ("passed", "failed"):
+        kind = getattr(item.module, "IMPL_KIND", None)
+        _REACHED.setdefault(kind, {"passed": 0, "failed": 0})[rep.outcome] += 1
+
+
 def pytest_report_header(config):
     return [f"{kind} implementation: {config.getoption(f'--{kind}-impl')}" for kind in _MODULES] + \
            [f"hypothesis profile: {settings._current_profile}"]
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
+    for kind, counts in sorted(_REACHED.items()):
+        name = config.getoption(f"--{kind}-impl")
+        terminalreporter.write_line(f"{name}: {counts['passed'] + counts['failed']} tests reached it "
+                                    f"({counts['passed']} passed, {counts['failed']} failed)")
     for name, attrs in sorted(_NOT_PROVIDED.items()):
         terminalreporter.write_line(f"{name}: not provided (tests skipped): {', '.join(sorted(attrs))}")
 

@@ -89,9 +89,9 @@ def _check_rows(row0, nrows, per_row):
     """The counter row * per_row + j must stay below 2^63: rows < 2^63 / per_row (2^55 at k = 8192)."""
     if isinstance(row0, bool) or not isinstance(row0, int) or row0 < 0:
         raise ValueError(f"row_offset must be a whole number >= 0, got {row0!r}")
-    if (row0 + nrows) * per_row >= 2 ** 63:
-        raise ValueError(f"rows up to {row0 + nrows} exceed the projection's limit of 2^63 / {per_row} "
-                         f"= {2 ** 63 // per_row} rows for this proj_dim")
+    if (row0 + nrows) * per_row > 2 ** 63:
+        raise ValueError(f"row {row0 + nrows - 1} is past the projection's limit: row indices must be < 2^63 / "
+                         f"{per_row} = {2 ** 63 // per_row} for this proj_dim")
 
 
 def rademacher_block(seed, row0, nrows, proj_dim, device="cpu"):
@@ -111,15 +111,16 @@ def rademacher_block(seed, row0, nrows, proj_dim, device="cpu"):
 def sjlt_block(seed, row0, nrows, proj_dim, s):
     """The sparse JL transform's rows [row0, row0 + nrows): columns (nrows, s) and signs (nrows, s).
 
-    Block construction (Kane & Nelson): proj_dim is split into s blocks of proj_dim / s columns and row i
-    has exactly one nonzero in each, column t * (proj_dim / s) + h_t(i) with sign +-1, from word
+    Block construction (Kane & Nelson): proj_dim is split into s blocks of about proj_dim / s columns and
+    row i has exactly one nonzero in each, column floor(t k / s) + h_t(i) with sign +-1, from word
     _words(i * s + t) of a seed stream separate from the dense kind's (bit 0: sign, bits 1-31: column)."""
     s1, s2 = _seeds(seed, 0x51A7)
     _check_rows(row0, nrows, s)
     rows = torch.arange(row0, row0 + nrows, dtype=torch.int64)
     t = torch.arange(s, dtype=torch.int64)
+    start = t * proj_dim // s  # block t: columns [t k / s, (t + 1) k / s)
     words = _words(rows[:, None] * s + t, s1, s2)  # (nrows, s)
-    cols = t * (proj_dim // s) + (words >> 1) % (proj_dim // s)
+    cols = start + (words >> 1) % ((t + 1) * proj_dim // s - start)
     return cols, (1 - 2 * (words & 1)).float()
 
 
@@ -135,7 +136,7 @@ def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, bloc
     per row -- the sparse JL transform dattri uses instead of TRAK's fast_jl. s = 4 by default: the JL
     literature asks s ~ eps^-1 log(1/delta) for worst-case (sparse) inputs; on dense gradients s = 1..4 give the
     dense kind's distortion (benchmarks/bench.py jl), and s = 4 keeps a few large coordinates from sharing
-    a single column. proj_dim % s == 0.
+    a single column. 1 <= s <= proj_dim.
     row_offset: x holds rows [row_offset, row_offset + D) of the gradient, so slices of one gradient (per layer,
     an FSDP rank's flat shard) project separately and sum to the whole. R is generated block_rows rows at a
     time on x's device and never held whole; it does not depend on block_rows, batch split, slicing or device,
@@ -157,8 +158,8 @@ def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, bloc
         return (out[0] if squeeze else out).div_(math.sqrt(proj_dim))
     if kind != "sjlt":
         raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
-    if isinstance(s, bool) or not isinstance(s, int) or s < 1 or proj_dim % s:
-        raise ValueError(f"sjlt needs a whole number s >= 1 dividing proj_dim={proj_dim}, got s={s!r}")
+    if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= proj_dim:
+        raise ValueError(f"sjlt needs a whole number s in [1, proj_dim={proj_dim}] (nonzeros per row), got s={s!r}")
     _check_rows(row_offset, D, s)
     out_t = out.T  # (proj_dim, N) view: index_add_ adds whole rows of N contiguous values
     block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
@@ -539,19 +540,27 @@ def _world():
     return 0, 1
 
 
-def _agree(rank, world, error):
-    """Every rank learns whether any rank failed a check, so no rank is left waiting at a barrier."""
+def _sync(rank, world, fn):
+    """fn() on every rank, then every rank learns whether any rank failed, so none is left waiting at the next
+    collective for a timeout: the failing rank re-raises its own error, the others a ValueError naming it."""
+    try:
+        out, error = fn(), None
+    except Exception as e:
+        if world == 1:
+            raise
+        out, error = None, e
     if world == 1:
-        if error:
-            raise ValueError(error)
-        return
+        return out
     import torch.distributed as dist
 
     errors = [None] * world
-    dist.all_gather_object(errors, error)
+    dist.all_gather_object(errors, f"{type(error).__name__}: {error}" if error else None)
+    if error is not None:
+        raise error
     bad = [(r, e) for r, e in enumerate(errors) if e]
     if bad:
-        raise ValueError(f"rank {bad[0][0]}: {bad[0][1]}")
+        raise ValueError(f"rank {bad[0][0]} failed: {bad[0][1]}")
+    return out
 
 
 def shard_positions(n, rank, world):
@@ -570,21 +579,22 @@ def _chunk_path(shard_dir, i):
 
 
 def _check_identity(out_dir, identity):
-    """None if out_dir is new (identity.json is written) or holds this identity; else what changed."""
+    """Write out_dir/identity.json if out_dir is new; else refuse (ValueError naming what changed) unless it
+    holds this identity."""
     id_path = os.path.join(out_dir, "identity.json")
     if not os.path.exists(id_path):
         os.makedirs(out_dir, exist_ok=True)
         with open(id_path + ".tmp", "w") as f:
             json.dump(identity, f)
         os.replace(id_path + ".tmp", id_path)
-        return None
+        return
     with open(id_path) as f:
         old = json.load(f)
     diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if diff:
-        return (f"{out_dir} holds features of another configuration "
-                f"({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); use a new directory or delete it")
-    return None
+        raise ValueError(f"{out_dir} holds features of another configuration "
+                         f"({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); "
+                         "use a new directory or delete it")
 
 
 def _chunk_ok(path, identity, positions):
@@ -617,24 +627,28 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     error naming the sample id; an error on one rank stops every rank promptly with its cause."""
     rank, world = _world()
     examples = list(examples)
-    if grad_type not in ("sgd", "sign", "adam"):
-        raise ValueError(f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
-    _whole("chunk_size", chunk_size)
-    _whole("batch_size", batch_size)
-    project(torch.zeros(1, 1), proj_dim, seed, kind=kind, s=sjlt_s)  # checks proj_dim, seed, kind, s
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameter (requires_grad): nothing to take gradients of")
-    check_examples(examples, _vocab_size(model))
-    adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
-    D = sum(p.numel() for _, p in params)
-    identity = dict(projection_identity(D, proj_dim, seed, kind, sjlt_s), grad_type=grad_type,
-                    checkpoint=str(checkpoint), model=model_fingerprint(model), data=data_fingerprint(examples),
-                    n_examples=len(examples), chunk_size=chunk_size, world_size=world,
-                    optimizer=optimizer_fingerprint(adam))
-    _agree(rank, world, _check_identity(out_dir, identity) if rank == 0 else None)  # rank 0 writes or checks it
+
+    def prepare():
+        if grad_type not in ("sgd", "sign", "adam"):
+            raise ValueError(f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
+        _whole("chunk_size", chunk_size)
+        _whole("batch_size", batch_size)
+        project(torch.zeros(1, 1), proj_dim, seed, kind=kind, s=sjlt_s)  # checks proj_dim, seed, kind, s
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("the model has no trainable parameter (requires_grad): nothing to take gradients of")
+        check_examples(examples, _vocab_size(model))
+        adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
+        identity = dict(projection_identity(sum(p.numel() for _, p in params), proj_dim, seed, kind, sjlt_s),
+                        grad_type=grad_type, checkpoint=str(checkpoint), model=model_fingerprint(model),
+                        data=data_fingerprint(examples), n_examples=len(examples), chunk_size=chunk_size,
+                        world_size=world, optimizer=optimizer_fingerprint(adam))
+        return identity, adam
+
+    identity, adam = _sync(rank, world, prepare)  # nothing is written before every argument is checked
+    _sync(rank, world, lambda: rank == 0 and _check_identity(out_dir, identity))  # rank 0 writes or checks it
     if world > 1:  # then every other rank must have the same configuration (same data, model, ...)
-        _agree(rank, world, _check_identity(out_dir, identity) if rank else None)
+        _sync(rank, world, lambda: rank and _check_identity(out_dir, identity))
     positions = shard_positions(len(examples), rank, world)
     shard = _shard_dir(out_dir, rank, world)
     os.makedirs(shard, exist_ok=True)
@@ -644,24 +658,11 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     chunks = [positions[i:i + chunk_size] for i in range(0, len(positions), chunk_size)]
     todo = [c for c in range(len(chunks))
             if not (os.path.exists(_chunk_path(shard, c)) and _chunk_ok(_chunk_path(shard, c), identity, chunks[c]))]
-    error = None
-    try:
-        _collect_chunks(model, examples, shard, chunks, todo, grad_type, adam, proj_dim, seed, kind, sjlt_s,
-                        identity, batch_size, method, progress, rank, checkpoint)
-    except Exception as e:  # tell the other ranks, so they stop now instead of waiting at a barrier
-        if world == 1:
-            raise
-        error = e
-    if world > 1:
-        try:
-            _agree(rank, world, f"{type(error).__name__}: {error}" if error else None)
-        except ValueError:
-            if error:
-                raise error
-            raise
+    _sync(rank, world, lambda: _collect_chunks(model, examples, shard, chunks, todo, grad_type, adam, proj_dim, seed,
+                                               kind, sjlt_s, identity, batch_size, method, progress, rank, checkpoint))
     if not merge:
         return None
-    _agree(rank, world, _try(merge_features, out_dir) if rank == 0 else None)
+    _sync(rank, world, lambda: rank == 0 and merge_features(out_dir))
     return os.path.join(out_dir, "features.safetensors")
 
 
@@ -690,14 +691,6 @@ def _collect_chunks(model, examples, shard, chunks, todo, grad_type, adam, proj_
                       {"ids": [ex["id"] for ex in chunk], "identity": identity}, _chunk_path(shard, c))
     if bar:
         bar.close()
-
-
-def _try(fn, *args):
-    try:
-        fn(*args)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def merge_features(out_dir):
