@@ -152,19 +152,32 @@ def test_projection_rows_do_not_depend_on_the_batch(impl, kind, x, k, seed):
         assert_projections_close(proj(impl, x[i:i + 1], k, seed, kind)[0], full[i], x[i], k)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@given(x=matrix(max_rows=3, max_cols=300), cut=st.lists(st.floats(0, 1), min_size=1, max_size=3),
-       k=st.sampled_from([4, 64]), seed=st.integers(0, 2 ** 32 - 1),
-       offset=st.sampled_from([0, 1, 2 ** 20 - 5, 2 ** 32 - 7, 2 ** 40 - 11, 2 ** 40]))
-def test_slices_project_to_the_whole(impl, kind, x, cut, k, seed, offset):
-    """x holds rows [offset, offset + D) of a gradient: projecting its slices with their own row offsets and
-    summing equals projecting it whole (the gradient split per layer, or an FSDP rank's flat shard)."""
+def check_slices(impl, kind, x, cut, k, seed, offset):
     x = x.float()
     D = x.shape[1]
     bounds = sorted({0, D} | {int(c * D) for c in cut})
     whole = proj(impl, x, k, seed, kind, row_offset=offset)
     parts = sum(proj(impl, x[:, a:b], k, seed, kind, row_offset=offset + a) for a, b in zip(bounds, bounds[1:]) if b > a)
     assert_projections_close(parts, whole, x, k)
+
+
+SLICES = dict(x=matrix(max_rows=3, max_cols=300), cut=st.lists(st.floats(0, 1), min_size=1, max_size=3),
+              k=st.sampled_from([8, 64]), seed=st.integers(0, 2 ** 32 - 1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(offset=st.sampled_from([0, 1, 1000, 2 ** 12 - 3]), **SLICES)
+def test_slices_project_to_the_whole(impl, kind, x, cut, k, seed, offset):
+    """x holds rows [offset, offset + D) of a gradient: projecting its slices with their own row offsets and
+    summing equals projecting it whole (the gradient split per layer, or an FSDP rank's flat shard)."""
+    check_slices(impl, kind, x, cut, k, seed, offset)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(offset=st.sampled_from([2 ** 24 - 3, 2 ** 32 - 7, 2 ** 40 - 11, 2 ** 40]), **SLICES)
+def test_slices_at_huge_row_indices(impl, kind, x, cut, k, seed, offset):
+    """The same at row indices past 2^24, 2^32 and up to 2^40 (a 7B model with LoRA has D ~ 1.3e8)."""
+    check_slices(impl, kind, x, cut, k, seed, offset)
 
 
 @pytest.mark.parametrize("kind", KINDS)

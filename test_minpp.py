@@ -566,32 +566,40 @@ def _big_probs(V, dtype, seed=0):
     return torch.softmax(z, -1).to(dtype)
 
 
+@pytest.mark.parametrize("sampler", ["top_p", "min_p", "top_k", "minpp_probs", "minpp_logits", "next_token_probs"])
 @pytest.mark.parametrize("V", [32000, 128256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_samplers_on_low_precision_large_vocabularies(impl, V, dtype):
-    """fp16 / bf16 probabilities at real vocabulary sizes: every sampler against float64 math on the same
-    rounded input, at the tolerance of the dtype the result comes in."""
+def test_samplers_on_low_precision_large_vocabularies(impl, sampler, V, dtype):
+    """fp16 / bf16 inputs at real vocabulary sizes: every sampler against float64 math on the same rounded
+    input, at the tolerance of the dtype the result comes in."""
     p = _big_probs(V, dtype)
     p64 = p.double() / p.double().sum(-1, keepdim=True)
     r = p64 / p64.amax(-1, keepdim=True)
-    check_top_p(impl.apply_top_p(p, 0.9), p64, 0.9)
-    q = impl.apply_min_p(p, 0.1)
-    sure = (r - 0.1).abs() > 1e-6
-    assert torch.equal((q > 0)[sure], (r >= 0.1)[sure])
-    check_renormalised(q, p64, q > 0)
-    q = impl.apply_top_k(p, 50)
-    kth = torch.sort(p64, -1, descending=True).values[:, 49:50]
-    assert (q > 0)[p64 > kth].all() and not (q > 0)[p64 < kth].any()
-    check_renormalised(q, p64, q > 0)
     tau, w = off_boundary(r, torch.tensor([0.0, 1e-4, 1e-2, 0.1, 0.5]), torch.tensor([0.1, 0.5, 1.0, 2.0, 0.3]))
-    assert_close(impl.minpp_probs(p, tau, w), minpp64(p64, tau, w), f"minpp_probs {dtype} V={V}")
-    z = torch.log(p.float()).to(dtype)  # logits in the low-precision dtype
-    z64 = z.double()
-    tau, w = off_boundary(torch.exp(z64 - z64.amax(-1, keepdim=True)), tau, w)
-    c = c64(torch.exp(z64 - z64.amax(-1, keepdim=True)), tau.double(), w.double())
-    assert_logits_close(impl.minpp_logits(z, tau, w), z64 + c.log(), f"minpp_logits {dtype} V={V}")
-    q = impl.next_token_probs(z, temperature=0.7, top_p=0.95)
-    check_top_p(q, torch.softmax(z64 / 0.7, -1), 0.95)
+    if sampler == "top_p":
+        check_top_p(impl.apply_top_p(p, 0.9), p64, 0.9)
+    elif sampler == "min_p":
+        q = impl.apply_min_p(p, 0.1)
+        sure = (r - 0.1).abs() > 1e-6
+        assert torch.equal((q > 0)[sure], (r >= 0.1)[sure])
+        check_renormalised(q, p64, q > 0)
+    elif sampler == "top_k":
+        q = impl.apply_top_k(p, 50)
+        kth = torch.sort(p64, -1, descending=True).values[:, 49:50]
+        assert (q > 0)[p64 > kth].all() and not (q > 0)[p64 < kth].any()
+        check_renormalised(q, p64, q > 0)
+    elif sampler == "minpp_probs":
+        assert_close(impl.minpp_probs(p, tau, w), minpp64(p64, tau, w), f"minpp_probs {dtype} V={V}")
+    else:
+        z = torch.log(p.float()).to(dtype)  # logits in the low-precision dtype
+        z64 = z.double()
+        if sampler == "minpp_logits":
+            r = torch.exp(z64 - z64.amax(-1, keepdim=True))
+            tau, w = off_boundary(r, tau, w)
+            assert_logits_close(impl.minpp_logits(z, tau, w), z64 + c64(r, tau.double(), w.double()).log(),
+                                f"minpp_logits {dtype} V={V}")
+        else:
+            check_top_p(impl.next_token_probs(z, temperature=0.7, top_p=0.95), torch.softmax(z64 / 0.7, -1), 0.95)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "5", 2.5, None, True])

@@ -1,0 +1,122 @@
+"""An independent MinP+ / sampler implementation, written from SPEC Part 2's formulas (not from minpp_ref):
+dense broadcasting instead of bucketize, the plain cross-entropy loss, ascending-sort nucleus. Its logits keep
+the input dtype (bf16 in, bf16 out), another correct design the suite must accept.
+    PYTHONPATH=examples python -m pytest test_minpp.py --minpp-impl plain_minpp
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _num(name, x, lo, hi, lo_open=False):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
+    if x > hi or x < lo or (lo_open and x == lo):
+        raise ValueError(f"{name} = {x} is out of range")
+    return x
+
+
+def _params(tau, w):
+    tau, w = torch.as_tensor(tau, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64)
+    if tau.dim() != 1 or tau.shape != w.shape or not len(tau):
+        raise ValueError("tau and w must be 1-D of one length")
+    if not ((tau >= 0) & (tau <= 1)).all() or not (tau[1:] > tau[:-1]).all():
+        raise ValueError("tau must be strictly increasing in [0, 1]")
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() == 0:
+        raise ValueError("w must be finite, >= 0, not all zero")
+    return tau, w / w.max()
+
+
+def _c(x, bounds, w):
+    """c = sum_i w_i [bound_i <= x], dense over K (fine for K <= a few dozen)."""
+    return ((bounds <= x[..., None]).to(w.dtype) * w).sum(-1)
+
+
+def _probs(probs):
+    p = probs.double()
+    if p.dim() != 2 or not torch.isfinite(p).all() or (p < 0).any() or (p.sum(-1) <= 0).any():
+        raise ValueError("probs must be (N, V), finite, >= 0 and not all zero in a row")
+    return p / p.sum(-1, keepdim=True)
+
+
+def _logits(z):
+    if z.dim() != 2 or torch.isnan(z).any() or torch.isposinf(z).any() or torch.isneginf(z).all(-1).any():
+        raise ValueError("logits must be (N, V) with no NaN / +inf and a finite entry per row")
+    return z.double()
+
+
+def minpp_probs(probs, tau, w):
+    tau, w = _params(tau, w)
+    p = _probs(probs)
+    q = p * _c(p / p.max(-1, keepdim=True).values, tau, w)
+    return (q / q.sum(-1, keepdim=True)).float()
+
+
+def minpp_logits(logits, tau, w):
+    tau, w = _params(tau, w)
+    z = _logits(logits)
+    m = z.max(-1, keepdim=True).values
+    out = z + _c(z - m, tau.log(), w).log()  # w scaled to max 1: z + log c shifted by -log max w, allowed
+    return out.to(logits.dtype)
+
+
+def minpp_loss(logits, target, tau, w, ignore_index=-100):
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError("logits (N, V) and target (N,)")
+    ok = target != ignore_index
+    if not ok.any() or ((target[ok] < 0) | (target[ok] >= logits.shape[1])).any():
+        raise ValueError("targets must be in [0, V) or ignore_index, and at least one scored")
+    tau_, w_ = _params(tau, w)  # validation only
+    _logits(logits)
+    tau = torch.as_tensor(tau, dtype=torch.float32)
+    wt = w if torch.is_tensor(w) else torch.as_tensor(w)
+    wt = wt / wt.detach().max()
+    z = logits.float()
+    d = z - z.detach().max(-1, keepdim=True).values
+    c = ((tau.log() <= d[..., None]).float() * wt.float()).sum(-1)
+    return F.cross_entropy(z + c.log(), target, ignore_index=ignore_index)
+
+
+def apply_top_k(probs, k):
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k != int(k) or k < 1:
+        raise ValueError(f"bad top_k {k!r}")
+    p = _probs(probs)
+    kth = p.sort(-1, descending=True).values[:, min(int(k), p.shape[1]) - 1:][:, :1]
+    q = torch.where(p >= kth, p, 0.0)
+    return (q / q.sum(-1, keepdim=True)).float()
+
+
+def apply_top_p(probs, top_p):
+    _num("top_p", top_p, 0, 1, lo_open=True)
+    p = _probs(probs)
+    s, order = p.sort(-1)  # ascending: drop the low tail whose mass stays <= 1 - top_p
+    tail = s.cumsum(-1) <= 1 - top_p
+    tail[:, -1] = False
+    drop = torch.zeros_like(tail).scatter(-1, order, tail)
+    q = torch.where(drop & (p < s.gather(-1, (~tail).long().argmax(-1, keepdim=True))), 0.0, p)
+    return (q / q.sum(-1, keepdim=True)).float()
+
+
+def apply_min_p(probs, p_base):
+    _num("min_p", p_base, 0, 1)
+    p = _probs(probs)
+    q = torch.where(p >= p_base * p.max(-1, keepdim=True).values, p, 0.0)
+    return (q / q.sum(-1, keepdim=True)).float()
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, minpp=None):
+    _num("temperature", temperature, 0, math.inf, lo_open=True)
+    z = _logits(logits)
+    z = (z - z.max(-1, keepdim=True).values) / temperature
+    p = torch.softmax(z, -1)
+    for f, arg in ((apply_top_k, top_k), (apply_top_p, top_p), (apply_min_p, min_p)):
+        if arg is not None:
+            p = f(p, arg)
+    return minpp_probs(p, *minpp) if minpp is not None else p.float()
+
+
+def next_token(logits, do_sample=True, generator=None, **filters):
+    if not do_sample:
+        return _logits(logits).argmax(-1)
+    return torch.multinomial(next_token_probs(logits, **filters), 1, generator=generator)[:, 0]
