@@ -638,13 +638,27 @@ def _greedy_alone(model, prompt, n):
     return ids[0, len(prompt):].tolist()
 
 
-def test_padded_batch_generates_what_each_prompt_alone_does(impl, tiny_lm):
-    """Left padding + attention_mask: every row equals greedy decoding of its prompt alone."""
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    """Absolute position embeddings: unlike RoPE, a position shift from padding changes the output."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("model_name", ["tiny_lm", "tiny_gpt2"])
+def test_padded_batch_generates_what_each_prompt_alone_does(impl, model_name, request):
+    """Left padding + attention_mask: every row equals greedy decoding of its prompt alone (position ids count
+    real tokens only: a Llama's RoPE hides a shift, GPT-2's absolute positions do not)."""
+    model = request.getfixturevalue(model_name)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 40, (L,), generator=g).tolist() for L in (3, 7, 5, 1, 6)]
     ids, mask = _left_pad(prompts)
-    out = impl.generate(tiny_lm, ids, 10, method="greedy", attention_mask=mask)
-    assert out == [_greedy_alone(tiny_lm, p, 10) for p in prompts]
+    out = impl.generate(model, ids, 10, method="greedy", attention_mask=mask)
+    assert out == [_greedy_alone(model, p, 10) for p in prompts]
 
 
 @pytest.mark.parametrize("T", [0.5, 0.7, 1.0, 1.5])

@@ -10,6 +10,11 @@ grads    : less_ref.example_gradients, batched (torch.func) vs the batch-size-1 
 loss     : minpp_loss fwd+bwd vs F.cross_entropy fwd+bwd on the same logits; minpp_probs vs minpp_logits;
            peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS above the start, sampled).
 samplers : apply_top_p / apply_top_k / apply_min_p vs transformers' TopP / TopK / MinP logits warpers.
+sjlt     : project(kind="sjlt") vs the dense kind at D = 2^22, k = 8192, 16 rows; per-example projection time at
+           a LoRA-sized D = 2^24 (dense, sjlt, TRAK BasicProjector).
+jl       : JL quality of both kinds on real per-example gradients (a tiny Llama): |Px|^2 / |x|^2, pairwise
+           cosine errors, and the top-5% LESS selection from projected vs exact (unprojected) features.
+fingerprint : model_fingerprint (sha256 of every parameter) on a ~1e8-parameter Llama.
 """
 import argparse
 import json
@@ -246,9 +251,96 @@ def bench_samplers(device, smoke):
             median_time(theirs, device, repeat=7), note="probs in, renormalised probs out vs warper + softmax")
 
 
+def bench_sjlt(device, smoke):
+    """sjlt vs dense at the issue's size; the dense kind is timed whole once (about 2 minutes on 2 CPU cores)."""
+    D, k, n = (2 ** 14, 1024, 4) if smoke else (2 ** 22, 8192, 16)
+    x = torch.randn(n, D, device=device)
+    sj = median_time(lambda: less_ref.project(x, k, kind="sjlt"), device, repeat=3)
+    dense = median_time(lambda: less_ref.project(x, k), device, repeat=1, slow=0)
+    row("sjlt", f"D=2^{int(math.log2(D))} k={k} rows={n}", sj, dense, note="project(kind='sjlt', s=4) vs dense Rademacher")
+    # per-example projection at a LoRA-sized gradient (SmolLM2-135M LoRA ~ 1.8e7): dense and TRAK on a slice, scaled
+    D, k = (2 ** 16, 1024) if smoke else (2 ** 24, 8192)
+    Ds = D if smoke else 2 ** 18
+    x = torch.randn(1, D, device=device)
+    sj = median_time(lambda: less_ref.project(x, k, kind="sjlt"), device, repeat=3)
+    dense = median_time(lambda: less_ref.project(x[:, :Ds], k), device, repeat=3) * D / Ds
+    row("sjlt", f"1 example, D=2^{int(math.log2(D))} k={k}", sj, dense,
+        note=f"sjlt vs dense (dense timed on D=2^{int(math.log2(Ds))}, scaled linearly)")
+    try:
+        from trak.projectors import BasicProjector, ProjectionType
+    except ImportError:
+        return
+    proj = BasicProjector(Ds, k, 0, ProjectionType.rademacher, torch.device(device), block_size=2048)
+    trak = median_time(lambda: proj.project(x[:, :Ds], model_id=0), device, repeat=3) * D / Ds
+    row("sjlt", f"1 example, D=2^{int(math.log2(D))} k={k}", sj, trak,
+        note=f"sjlt vs TRAK BasicProjector (timed on D=2^{int(math.log2(Ds))}, scaled linearly)")
+
+
+def _gradients(smoke):
+    """Per-example gradients of a tiny Llama on two synthetic task families (the LESS demo's data)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    g = torch.Generator().manual_seed(0)
+    n = 40 if smoke else 400
+    pool = less_ref._task_examples("copy", n // 10, g, 0) + less_ref._task_examples("reverse", n - n // 10, g, 0)
+    val = less_ref._task_examples("copy", 8, g, 1000)
+    for name, p in model.named_parameters():
+        p.requires_grad_("q_proj" in name or "v_proj" in name)
+    grads = lambda ex: torch.cat([less_ref.example_gradients(model, ex[b:b + 32]) for b in range(0, len(ex), 32)])
+    return grads(pool), grads(val)
+
+
+def bench_jl(device, smoke):
+    train, val = _gradients(smoke)
+    D = train.shape[1]
+    exact = less_ref.influence_scores(train, val)
+    n_top = max(1, int(0.05 * len(exact)))
+    top = set(less_ref.select_top(exact, k=n_top).tolist())
+    x = train[:100].double()
+    gram = x @ x.T / (x.norm(dim=1)[:, None] * x.norm(dim=1)[None])
+    for k in (1024,) if smoke else (2048, 8192):
+        for kind, s in (("rademacher", None), ("sjlt", 1), ("sjlt", 4)):
+            kw = {} if s is None else {"kind": kind, "s": s}
+            pt, pv = less_ref.project(train, k, **kw), less_ref.project(val, k, **kw)
+            ratio = (pt[:100].double().norm(dim=1) / x.norm(dim=1)) ** 2
+            px = pt[:100].double()
+            pg = px @ px.T / (px.norm(dim=1)[:, None] * px.norm(dim=1)[None])
+            off = ~torch.eye(100, dtype=torch.bool)
+            chosen = set(less_ref.select_top(less_ref.influence_scores(pt, pv), k=n_top).tolist())
+            name = kind if s is None else f"sjlt s={s}"
+            r = {"group": "jl", "case": f"{name} k={k} D={D}", "norm_ratio_mean": ratio.mean().item(),
+                 "norm_ratio_std": ratio.std().item(), "norm_ratio_max_dev": (ratio - 1).abs().max().item(),
+                 "cosine_err_rms": (pg - gram)[off].pow(2).mean().sqrt().item(),
+                 "cosine_err_max": (pg - gram)[off].abs().max().item(),
+                 "top5_overlap_with_exact": len(chosen & top) / n_top, "n_top": n_top}
+            ROWS.append(r)
+            print(f"jl        {r['case']:40s} |Px|^2/|x|^2 {r['norm_ratio_mean']:.3f} +- {r['norm_ratio_std']:.3f} "
+                  f"(max dev {r['norm_ratio_max_dev']:.3f}); cosine err rms {r['cosine_err_rms']:.4f} max "
+                  f"{r['cosine_err_max']:.3f}; top-5% overlap with exact {r['top5_overlap_with_exact']:.2f}", flush=True)
+
+
+def bench_fingerprint(device, smoke):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2) if smoke else \
+        dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12)
+    model = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **cfg)).to(device)
+    n = sum(p.numel() for p in model.parameters())
+    t = median_time(lambda: less_ref.model_fingerprint(model), device, repeat=3)
+    gb = n * 4 / 1e9
+    row("fingerprint", f"{n / 1e6:.0f}M params fp32 ({gb:.2f} GB)", t, gb,
+        what="s_vs_GB", note=f"sha256 of every parameter: {gb / t:.2f} GB/s; a 7B bf16 model (14 GB) ~ {14 / (gb / t):.0f} s")
+
+
+BENCHES = ("project", "grads", "loss", "samplers", "sjlt", "jl", "fingerprint")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["all", "project", "grads", "loss", "samplers"])
+    ap.add_argument("what", choices=["all", *BENCHES])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the rows and the machine description here")
@@ -257,7 +349,7 @@ def main():
                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
     print(json.dumps(machine))
-    for name in ("project", "grads", "loss", "samplers") if a.what == "all" else (a.what,):
+    for name in BENCHES if a.what == "all" else (a.what,):
         globals()[f"bench_{name}"](a.device, a.smoke)
     if a.json:
         with open(a.json, "w") as f:

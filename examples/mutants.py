@@ -1,0 +1,74 @@
+"""Does the suite catch realistic bugs? Each mutant is the reference with one bug a faster implementation could
+plausibly have; the suite, run against it as a candidate, must fail (exit 1). Not part of CI (about 5 minutes).
+
+    python examples/mutants.py            # all mutants
+    python examples/mutants.py M3 M8      # some
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MUTANTS = {  # name: (module, what the bug is, old text, new text)
+    "M1": ("less_ref", "example_gradients: padding labelled 0 instead of -100 (padding enters the loss)",
+           "labels = torch.full((len(examples), T), -100, dtype=torch.long)",
+           "labels = torch.zeros((len(examples), T), dtype=torch.long)"),
+    "M2": ("less_ref", "adam_state: Trainer optimizer.pt indices mapped in named_parameters() order",
+           "by_name = {n: state.get(i) for n, i in zip(param_order, index)}",
+           "by_name = {n: state.get(i) for (n, _), i in zip(params, index)}"),
+    "M3": ("less_ref", "project: row_offset ignored (every slice starts at row 0)",
+           "rademacher_block(seed, row_offset + r0, nr, proj_dim, x.device)",
+           "rademacher_block(seed, r0, nr, proj_dim, x.device)"),
+    "M4": ("less_ref", "hash counter drops its high 32 bits (rows 2^32 / W apart collide)",
+           "return _fmix32(_fmix32((counter & _M32) ^ s1) ^ (counter >> 32) ^ s2)",
+           "return _fmix32(_fmix32((counter & _M32) ^ s1) ^ s2)"),
+    "M5": ("less_ref", "example_gradients: the model is not put in eval mode (dropout changes features)",
+           "    check_examples(examples, _vocab_size(model))\n    model.eval()\n",
+           "    check_examples(examples, _vocab_size(model))\n"),
+    "M6": ("less_ref", "model_fingerprint hashes trainable parameters only (a changed frozen base is resumed)",
+           "    for n, p in model.named_parameters():\n        h.update(",
+           "    for n, p in trainable_parameters(model):\n        h.update("),
+    "M7": ("less_ref", "sjlt without the 1/sqrt(s) scale",
+           "return (out[0] if squeeze else out).div_(math.sqrt(s))",
+           "return out[0] if squeeze else out"),
+    "M8": ("minpp_ref", "minpp_loss backward: the -onehot(target) term of dL/dz is missing",
+           "                g.scatter_add_(1, tc[:, None], -g_row[:, None])\n", ""),
+    "M9": ("minpp_ref", "minpp_loss backward: dL/dw off by one threshold",
+           "torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:]",
+           "torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[:-1]"),
+    "M10": ("minpp_ref", "generate: position ids not derived from the attention mask (left padding shifts positions)",
+            "res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)",
+            "res = model(input_ids=input_ids, attention_mask=mask, use_cache=True)\n    pos = mask.sum(1, keepdim=True) * 0 + input_ids.shape[1] - 1"),
+    "M11": ("minpp_ref", "logits processor: log c not scaled by T (MinP+ weights raised to 1/T after temperature)",
+            "torch.where(torch.isfinite(out), z + T * (out - z), out)", "out"),
+    "M12": ("minpp_ref", "top-p keeps tokens while the mass before them is <= top_p (one token too many at ties)",
+            "kept = (before < top_p).sum(-1, keepdim=True)", "kept = (before <= top_p).sum(-1, keepdim=True)"),
+}
+
+
+def run(name, tmp):
+    module, what, old, new = MUTANTS[name]
+    src = open(os.path.join(ROOT, f"{module}.py")).read()
+    assert src.count(old) == 1, f"{name}: the text to mutate is not in {module}.py once"
+    with open(os.path.join(tmp, f"mutant_{name}.py"), "w") as f:
+        f.write(src.replace(old, new))
+    kind, test = ("less", "test_less.py") if module == "less_ref" else ("minpp", "test_minpp.py")
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test,
+                           f"--{kind}-impl", f"mutant_{name}"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=tmp))
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    status = "killed" if proc.returncode == 1 else f"SURVIVED (exit {proc.returncode})"
+    print(f"{name:4s} {status:8s} {time.perf_counter() - t:5.1f}s  {what}\n      {failed[0][:150] if failed else ''}")
+    return proc.returncode == 1
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(MUTANTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        killed = [run(n, tmp) for n in names]
+    print(f"{sum(killed)} of {len(killed)} mutants killed")
+    sys.exit(0 if all(killed) else 1)
