@@ -376,6 +376,21 @@ def gradient_features(grads, grad_type, adam_state=None, eps_outside=False):
     raise ValueError(f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
 
 
+def projected_features(grads, grad_type, adam_state, proj_dim, seed=0, kind="rademacher", s=SJLT_S,
+                       eps_outside=False, slice_cols=2 ** 22):
+    """project(gradient_features(grads, ...)) slice by slice of slice_cols gradient coordinates (row_offset):
+    the same result up to float32 summation order, but the float32 feature temporaries (m_hat, v_hat, ...)
+    are (N, slice_cols) instead of (N, D). float32 (N, proj_dim)."""
+    out = None
+    for a in range(0, grads.shape[1], slice_cols):
+        b = min(a + slice_cols, grads.shape[1])
+        part = None if adam_state is None else (adam_state[0][a:b], adam_state[1][a:b])
+        y = project(gradient_features(grads[:, a:b], grad_type, part, eps_outside), proj_dim, seed, row_offset=a,
+                    kind=kind, s=s)
+        out = y if out is None else out.add_(y)
+    return out
+
+
 # ----------------------------------------------------------------------------
 # optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer
 
@@ -684,7 +699,7 @@ def _collect_chunks(model, examples, shard, chunks, todo, grad_type, adam, proj_
             if bad.any():
                 raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
                                  f"(bf16 overflow or a broken example); its score would be meaningless")
-            rows.append(project(gradient_features(g, grad_type, adam), proj_dim, seed, kind=kind, s=sjlt_s))
+            rows.append(projected_features(g, grad_type, adam, proj_dim, seed, kind, sjlt_s))
             if bar:
                 bar.update(len(batch))
         _write_atomic({"features": torch.cat(rows).cpu().contiguous(), "positions": torch.tensor(chunks[c])},
@@ -815,7 +830,7 @@ def select_step(model, optimizer, pool, val, n_select, proj_dim=8192, seed=0, ba
         rows = []
         for b in range(0, len(examples), batch_size):
             g = example_gradients(model, examples[b:b + batch_size], method)
-            rows.append(project(gradient_features(g, grad_type, adam, eps_outside), proj_dim, seed, kind=kind, s=sjlt_s))
+            rows.append(projected_features(g, grad_type, adam, proj_dim, seed, kind, sjlt_s, eps_outside))
             if bar:
                 bar.update(g.shape[0])
         return torch.cat(rows) if rows else torch.zeros(0, proj_dim)
