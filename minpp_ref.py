@@ -147,58 +147,125 @@ def minpp_logits(logits, tau, w):
     return z + (c.log() + w.double().max().log().float().to(z.device))
 
 
+def uniform_grid(log_tau):
+    """(space, c1, inv_h, n0, K) when the thresholds are evenly spaced, so that the bucket of a token (the number
+    of thresholds <= r) is trunc(x / h + c1) with x = log r ('log': the positive thresholds evenly spaced in
+    log tau, as threshold_grid's 'log') or x = r ('linear': all of them evenly spaced in tau) -- O(1) per token
+    instead of a search. Checked on the float32 thresholds themselves: each must land within 1e-4 of its
+    integer, so a token whose u is 1e-3 or more from an integer is bucketed exactly (u is monotone in the
+    token's log r); the few nearer ones are bucketized. None for other grids."""
+    lt = log_tau.float().cpu()
+    n0, K = int(torch.isneginf(lt).sum()), lt.numel()
+    for space, x in (("log", lt[n0:]), ("linear", lt.exp())):
+        first = n0 if space == "log" else 0  # bucket index of the first threshold of x, minus 1
+        if x.numel() < 2 or not (x[-1] > x[0]):
+            continue
+        h = (x[-1].double() - x[0].double()).item() / (x.numel() - 1)
+        inv_h, c1 = 1 / h, first + 1 - x[0].item() / h
+        u = torch.mul(x, inv_h).add_(c1)
+        if (u - torch.arange(first + 1, first + 1 + x.numel())).abs().max() < 1e-4:
+            return space, c1, inv_h, n0, K
+    return None
+
+
 class _MinPPCrossEntropy(torch.autograd.Function):
-    """Sum over rows of -log q_t, q = softmax(z + log c), without an (N, V) c: most tokens lie below the
-    smallest positive threshold and share c_low = sum of the weights at tau = 0, so
+    """Sum over rows of -log q_t, q = softmax(z + log c), chunk by chunk, without an (N, V) c kept for backward.
+    With m the row max, d = z - m (log r), e = exp(d), S = sum_v e_v c_v:
 
-        S = sum_v e^(z_v - m) c_v = c_low * sum_v e^(z_v - m) + sum_{v above} e^(z_v - m) (c_v - c_low)
+        row loss = log S - d_t - log c_t
+        dL/dz_v = e_v c_v / S - [v = t]      dL/dprefix_j = H_j / S - [t in bucket j] / c_t
 
-    and only the few tokens above (d_v = z_v - m >= log tau_min) are bucketized. Backward, with q = e c / S:
-        dL/dz_v = q_v - [v = t]      dL/dprefix_j = sum_{v in bucket j} e_v / S - [t in bucket j] / c_t
-    and dL/dw_i = sum_{j > i} dL/dprefix_j (c_v = prefix[bucket_v], prefix[j] = w_0 + ... + w_{j-1}).
-    Rows are done chunk by chunk; nothing of size (N, V) is saved for backward (the tokens above tau_min
-    are kept when they are at most 1/8 of a chunk, else recomputed). float32 throughout."""
+    with c_v = prefix[bucket_v] (prefix[j] = w_0 + ... + w_{j-1}), H_j = sum of e over bucket j, and
+    dL/dw_i = sum_{j > i} dL/dprefix_j. Two ways to find the buckets, both exact:
+    - an evenly spaced grid (threshold_grid's 'log' and 'linear'; uniform_grid): every token's bucket in O(1),
+      the per-row histogram H (K + 1 numbers) kept for the weights' gradient, the buckets recomputed in
+      backward for the logits' gradient;
+    - any other grid: most tokens lie below the smallest positive threshold and share c_low, so
+      S = c_low * sum_v e_v + sum_{v above} e_v (c_v - c_low) and only the tokens above are bucketized (kept for
+      backward when they are at most 1/8 of a chunk). float32 throughout."""
 
     @staticmethod
-    def _exp(z, m, out):
-        """e = exp(z - m) written into out (float32): the chunk's one dense temporary."""
-        return torch.add(z, m.neg(), out=out).exp_()
-
-    @staticmethod
-    def _above(z, m, log_tau):
-        """The tokens with d = z - m >= log tau_min (the smallest positive threshold): flat positions, rows,
-        exp(d) and bucket (number of thresholds <= r). Candidates come from a cheap test on z with a margin
-        of 1e-3 for rounding; the exact rule is bucketize on d."""
+    def _candidates(z, m, log_tau):
+        """(n0, mask of the tokens that may lie above the smallest positive threshold): a cheap test on z with a
+        margin of 1e-3 for rounding; the exact rule is bucketize on d."""
         n0 = int(torch.isneginf(log_tau).sum())  # thresholds at tau = 0 (at most one)
-        lim = log_tau[n0] - 1e-3 if n0 < log_tau.numel() else torch.tensor(float("inf"), device=z.device)
-        pos = (z >= m + lim).view(-1).nonzero()[:, 0]
+        if n0 == log_tau.numel():
+            return n0, torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+        return n0, z >= m + (log_tau[n0] - 1e-3)
+
+    @staticmethod
+    def _above(z, m, log_tau, cand=None):
+        """The tokens with d = z - m >= log tau_min: n0, flat positions, rows, exp(d) and bucket (number of
+        thresholds <= r)."""
+        n0, mask = cand or _MinPPCrossEntropy._candidates(z, m, log_tau)
+        pos = mask.view(-1).nonzero()[:, 0]
         rows = pos // z.shape[1]
         d = z.reshape(-1)[pos].float() - m[rows, 0]
         return n0, pos, rows, d.exp(), torch.bucketize(d, log_tau, right=True)
 
     @staticmethod
+    def _workspace(z):
+        """Chunk-sized buffers reused by every chunk (fresh large allocations cost page faults)."""
+        return {"u": torch.empty(z.shape, device=z.device), "tmp": torch.empty(z.shape, device=z.device),
+                "j": torch.empty(z.shape, dtype=torch.long, device=z.device),
+                "near": torch.empty(z.shape, dtype=torch.bool, device=z.device)}
+
+    @staticmethod
+    def _dense(z, m, log_tau, grid, e, ws, fix=None):
+        """e = exp(z - m) written into e (float32), and every token's bucket (int64 (n, V), in ws); the tokens
+        within 1e-3 of a threshold in u are bucketized exactly (fix = their (positions, buckets), found if None)."""
+        space, c1, inv_h, n0, K = grid
+        n = z.shape[0]
+        u, tmp, j, near = (ws[k][:n] for k in ("u", "tmp", "j", "near"))
+        torch.sub(z, m, out=e)
+        if space == "log":
+            torch.mul(e, inv_h, out=u).add_(c1)
+        e.exp_()
+        if space == "linear":
+            torch.mul(e, inv_h, out=u).add_(c1)
+        u.clamp_(n0 + 0.25, K + 0.25)  # below every positive threshold: bucket n0, and not "near" an integer
+        j.copy_(u)  # trunc: the bucket
+        if fix is None:
+            torch.round(u, out=tmp).sub_(u).abs_()
+            pos = torch.lt(tmp, 1e-3, out=near).view(-1).nonzero()[:, 0]
+            d = z.reshape(-1)[pos].float() - m[pos // z.shape[1], 0]
+            fix = pos, torch.bucketize(d, log_tau, right=True)
+        j.view(-1)[fix[0]] = fix[1]
+        return j, fix
+
+    @staticmethod
     def forward(ctx, logits, target, log_tau, w, chunk_rows):
         prefix = prefix_weights(w)
+        grid = uniform_grid(log_tau)
         scored = target >= 0  # ignored rows come in as -1
         t = target.clamp(min=0)
         total = logits.new_zeros((), dtype=torch.float32)
         stats = []
         buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
+        ws = None  # the dense path's buffers, made when a chunk first needs them
         for s in range(0, logits.shape[0], chunk_rows):
             z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
             m = _row_max(z, s).float()  # the max is exact in any dtype: no float32 copy of the chunk
-            e_sum = _MinPPCrossEntropy._exp(z, m, buf[:z.shape[0]]).sum(-1)
-            n0, pos, rows, e_pos, bucket = _MinPPCrossEntropy._above(z, m, log_tau)
-            S = prefix[n0] * e_sum
-            S.index_add_(0, rows, e_pos * (prefix[bucket] - prefix[n0]))
+            e = buf[:z.shape[0]]
+            cand = _MinPPCrossEntropy._candidates(z, m, log_tau)
+            if grid and int(cand[1].sum()) > z.numel() // 8:  # many tokens above tau_min: every bucket in O(1)
+                ws = ws or _MinPPCrossEntropy._workspace(buf)
+                j, fix = _MinPPCrossEntropy._dense(z, m, log_tau, grid, e, ws)
+                hist = torch.zeros(z.shape[0], prefix.numel(), device=z.device).scatter_add_(1, j, e)  # (n, K+1)
+                S, keep = hist @ prefix, ("dense", hist, fix)
+            else:  # few tokens above tau_min (or no even grid): bucketize those only
+                e_sum = torch.sub(z, m, out=e).exp_().sum(-1)
+                n0, pos, rows, e_pos, bucket = above = _MinPPCrossEntropy._above(z, m, log_tau, cand)
+                S = prefix[n0] * e_sum
+                S.index_add_(0, rows, e_pos * (prefix[bucket] - prefix[n0]))
+                # keep the tokens above tau_min for backward unless they are many (flat distributions)
+                keep = ("sparse", e_sum, above if pos.numel() <= z.numel() // 8 else None)
             d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]
             row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()
             total = total + row_loss[sc].sum()
-            # keep the few tokens above tau_min for backward unless they are many (flat distributions)
-            above = (n0, pos, rows, e_pos, bucket) if pos.numel() <= z.numel() // 8 else None
-            stats.append((m, e_sum, S, d_t, above))
+            stats.append((m, S, d_t, keep))
         ctx.save_for_backward(logits, t, scored, log_tau, w)
-        ctx.stats, ctx.chunk_rows = stats, chunk_rows
+        ctx.stats, ctx.chunk_rows, ctx.grid = stats, chunk_rows, grid
         return total
 
     @staticmethod
@@ -208,19 +275,34 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
         g_prefix = torch.zeros_like(prefix)
-        for (m, e_sum, S, d_t, above), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
+        ws = _MinPPCrossEntropy._workspace(logits[:ctx.chunk_rows]) if want_z and any(
+            k[0] == "dense" for *_, k in ctx.stats) else None
+        for (m, S, d_t, keep), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
             z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
             g_row = scored[s:s + ctx.chunk_rows].float() * grad_total  # (n,) d total / d row loss
             scale = g_row / S
-            n0, pos, rows, e_pos, bucket = above or _MinPPCrossEntropy._above(z, m, log_tau)
-            if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
+            if want_w:
                 b_t = torch.bucketize(d_t, log_tau, right=True)
-                g_prefix[n0] += (e_sum * scale).sum() - (e_pos * scale[rows]).sum()
-                g_prefix.index_add_(0, bucket, e_pos * scale[rows])
                 g_prefix.index_add_(0, b_t, -g_row / prefix[b_t])
-            if want_z:  # q - onehot, scaled, in place in grad_z
-                g = _MinPPCrossEntropy._exp(z, m, grad_z[s:s + ctx.chunk_rows]).mul_((prefix[n0] * scale)[:, None])
-                g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - prefix[n0]) * scale[rows])
+            g = grad_z[s:s + ctx.chunk_rows] if want_z else None
+            if keep[0] == "dense":
+                _, hist, fix = keep
+                if want_w:
+                    g_prefix += scale @ hist
+                if want_z:  # g = e c scale, c from the buckets recomputed (the near ones as in forward)
+                    j, _ = _MinPPCrossEntropy._dense(z, m, log_tau, ctx.grid, g, ws, fix)
+                    c = torch.index_select(prefix, 0, j.view(-1), out=ws["u"][:z.shape[0]].view(-1))
+                    g.mul_(c.view(g.shape)).mul_(scale[:, None])
+            else:
+                _, e_sum, above = keep
+                n0, pos, rows, e_pos, bucket = above or _MinPPCrossEntropy._above(z, m, log_tau)
+                if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
+                    g_prefix[n0] += (e_sum * scale).sum() - (e_pos * scale[rows]).sum()
+                    g_prefix.index_add_(0, bucket, e_pos * scale[rows])
+                if want_z:  # q - onehot, scaled, in place in grad_z
+                    torch.sub(z, m, out=g).exp_().mul_((prefix[n0] * scale)[:, None])
+                    g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - prefix[n0]) * scale[rows])
+            if want_z:
                 g.scatter_add_(1, tc[:, None], -g_row[:, None])
         grad_w = torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:].to(w.dtype) if want_w else None
         return grad_z.to(logits.dtype) if want_z else None, None, None, grad_w, None

@@ -382,6 +382,45 @@ def test_loss_gradients_wrt_logits_and_weights(impl, dtype, z, tw, seed):
     torch.testing.assert_close(zd.grad.double(), gz, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["rtol"] / N)
 
 
+def _grid(name):
+    """The evenly spaced grids a head is trained on, built here: [0, 64 log-spaced from 1e-5 to 1] and 17 linear."""
+    if name == "log":
+        return torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-5, 0, 64, dtype=torch.float64)]).float()
+    return torch.linspace(0, 1, 17, dtype=torch.float64).float()
+
+
+@pytest.mark.parametrize("grid", ["log", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_on_evenly_spaced_grids(impl, grid, dtype):
+    """The loss and its gradients w.r.t. the logits and the weights on the grids heads use (where a fast path may
+    bucket tokens arithmetically), V = 4000, flat and peaked rows, against float64; tokens within LOG_SLACK of a
+    threshold are masked to -inf so either side is never asked."""
+    tau = _grid(grid)
+    g = torch.Generator().manual_seed(7)
+    z64 = torch.randn(48, 4000, generator=g, dtype=torch.float64) * torch.tensor([0.5, 3.0, 8.0]).repeat(16)[:, None].double()
+    zd = z64.to(dtype)
+    r = torch.exp(zd.double() - zd.double().amax(-1, keepdim=True))
+    near = ((r.log()[..., None] - tau.double().log()).abs() < LOG_SLACK).any(-1) & (r < 1)
+    zd = zd.masked_fill(near, float("-inf")).requires_grad_(True)
+    z64 = zd.detach().double()
+    w = (torch.rand(tau.numel(), generator=g) + 0.05).requires_grad_(True)
+    finite = torch.isfinite(z64)
+    target = torch.multinomial(finite.double(), 1, generator=g)[:, 0]
+    loss = impl.minpp_loss(zd, target, tau, w)
+    loss.backward()
+    assert_close(loss.reshape(()), loss64(z64, target, tau, w.detach()), f"loss, {grid} grid, {dtype}")
+    p = torch.softmax(z64, -1)
+    rr = torch.exp(z64 - z64.amax(-1, keepdim=True))
+    passed = (tau.double()[None, None, :] <= rr[..., None]).double()
+    c = (passed * w.detach().double()).sum(-1)
+    rows = torch.arange(48)
+    gw = (-passed[rows, target] / c[rows, target, None] + (p[..., None] * passed).sum(1) / (p * c).sum(1, keepdim=True)).mean(0)
+    torch.testing.assert_close(w.grad.double(), gw, rtol=1e-4, atol=1e-5 * (1 / c[rows, target]).mean().item())
+    q = p * c / (p * c).sum(-1, keepdim=True)
+    gz = (q - torch.nn.functional.one_hot(target, 4000).double()) / 48
+    torch.testing.assert_close(zd.grad.double(), gz, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["rtol"] / 48)
+
+
 # --- the classic samplers
 
 
@@ -862,3 +901,27 @@ def test_processor_inside_generate_with_temperature(tiny_lm):
     torch.manual_seed(5)
     b = tiny_lm.generate(prompt, min_p=0.1, **common)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grid", ["log", "linear"])
+def test_loss_fast_path_buckets_like_bucketize(grid):
+    """The O(1) bucketing of evenly spaced grids gives exactly bucketize's buckets, also for tokens exactly on
+    every threshold (d == log tau in float32) and far below the smallest one; and the loss equals the plain form."""
+    tau = ref.threshold_grid(65, tau_min=1e-5) if grid == "log" else ref.threshold_grid(17, grid="linear")
+    log_tau = tau.log()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 3000, generator=g) * torch.tensor([0.5, 3.0, 12.0, 1.0]).repeat(10)[:, None]
+    z[:, 0] = z.amax(-1) + 1.0
+    z[:, 1:tau.numel()] = z[:, :1] + log_tau[1:]  # d exactly log tau (z[:, 0] is the max)
+    z[:, -1] = -1e30
+    m = z.amax(-1, keepdim=True)
+    grid_ = ref.uniform_grid(log_tau)
+    assert grid_ is not None and grid_[0] == grid
+    e = torch.empty_like(z)
+    j, fix = ref._MinPPCrossEntropy._dense(z, m, log_tau, grid_, e, ref._MinPPCrossEntropy._workspace(z))
+    assert torch.equal(j, torch.bucketize(z - m, log_tau, right=True))
+    assert torch.equal(e, (z - m).exp())
+    t = torch.randint(0, 2999, (40,), generator=g)
+    w = torch.rand(tau.numel(), generator=torch.Generator().manual_seed(1)) + 0.1
+    plain = torch.nn.functional.cross_entropy(ref.minpp_logits(z, tau, w), t)
+    torch.testing.assert_close(ref.minpp_loss(z, t, tau, w, chunk_rows=8), plain)

@@ -180,11 +180,14 @@ def bench_grads(device, smoke):
                 note=f"vmap vs loop: {n_ex / tb:.1f} vs {n_ex / tl:.1f} examples/s; max rel. diff {err:.1e}")
 
 
-def _loss_case(N, V, dtype, device, which):
+GRIDS = {"K=32 log from 1e-3": dict(K=32, tau_min=1e-3), "seed grid: K=65 log from 1e-5": dict(K=65, tau_min=1e-5)}
+
+
+def _loss_case(N, V, dtype, device, which, grid="K=32 log from 1e-3"):
     z = (torch.randn(N, V, device=device) * 3).to(dtype).requires_grad_(True)
     t = torch.randint(0, V, (N,), device=device)
-    tau = minpp_ref.threshold_grid(32).to(device)
-    w = (torch.rand(32, generator=torch.Generator().manual_seed(0)) + 0.1).to(device).requires_grad_(True)
+    tau = minpp_ref.threshold_grid(**GRIDS[grid]).to(device)
+    w = (torch.rand(tau.numel(), generator=torch.Generator().manual_seed(0)) + 0.1).to(device).requires_grad_(True)
 
     def run():
         z.grad = w.grad = None  # as after optimizer.zero_grad(): no accumulation pass
@@ -195,44 +198,62 @@ def _loss_case(N, V, dtype, device, which):
     return run
 
 
-def _fresh_peak(N, V, dtype_name, which):
+def _fresh_peak(N, V, dtype_name, which, grid):
     """Peak RSS of one fwd+bwd above the inputs, in this (fresh) interpreter: no memory freed earlier to reuse."""
-    return peak_memory(_loss_case(N, V, getattr(torch, dtype_name), "cpu", which), "cpu")
+    return peak_memory(_loss_case(N, V, getattr(torch, dtype_name), "cpu", which, grid), "cpu")
 
 
-def loss_peak(N, V, dtype, device, which):
+def loss_peak(N, V, dtype, device, which, grid):
     if str(device).startswith("cuda"):
-        return peak_memory(_loss_case(N, V, dtype, device, which), device)
+        return peak_memory(_loss_case(N, V, dtype, device, which, grid), device)
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_fresh_peak, (N, V, str(dtype)[6:], which))
+        return pool.apply(_fresh_peak, (N, V, str(dtype)[6:], which, grid))
+
+
+def interleaved(fns, device, repeat=7):
+    """Medians of fns timed in turn (a, b, a, b, ...) after a warm-up each: drift and memory state hit all alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def bench_loss(device, smoke):
     shapes = [(64, 1000)] if smoke else [(1024, 32000), (4096, 32000), (1024, 128256), (4096, 128256)]
-    tau, w0 = minpp_ref.threshold_grid(32), torch.rand(32, generator=torch.Generator().manual_seed(0)) + 0.1
-    for N, V in shapes:
-        for dtype in (torch.float32, torch.bfloat16):
-            if not smoke and N * V > 4096 * 32000 and dtype == torch.float32 and not str(device).startswith("cuda"):
-                continue  # 2 GiB of fp32 logits plus their gradient: skipped on the 24 GiB CPU machines
-            ours, base = _loss_case(N, V, dtype, device, "ours"), _loss_case(N, V, dtype, device, "ce")
-            case = f"N={N} V={V} {str(dtype)[6:]}"
-            row("loss", case, median_time(ours, device, repeat=5, slow=10), median_time(base, device, repeat=5, slow=10),
-                note="minpp_loss fwd+bwd (grad to logits and w) vs cross_entropy fwd+bwd")
-            del ours, base
-            row("loss", case, loss_peak(N, V, dtype, device, "ours"), loss_peak(N, V, dtype, device, "ce"), "peak_bytes",
-                note="above the inputs, fresh process (CPU) / allocator peak (CUDA)")
-            if not smoke and N * V > 4096 * 32000 and not str(device).startswith("cuda"):
-                continue  # forward-only comparison: the smaller shapes tell it (keeps the run < 10 min)
-            z = (torch.randn(N, V, device=device) * 3).to(dtype)
-            tau_d, w = tau.to(device), w0.to(device)
-            with torch.no_grad():
-                p = torch.softmax(z.float(), -1)
-                row("loss", case, median_time(lambda: minpp_ref.minpp_probs(p, tau_d, w), device),
-                    median_time(lambda: minpp_ref.minpp_logits(z, tau_d, w), device),
-                    note="minpp_probs vs minpp_logits (forward)")
-            del z
+    for grid in GRIDS:
+        tau, w0 = minpp_ref.threshold_grid(**GRIDS[grid]), torch.rand(GRIDS[grid]["K"], generator=torch.Generator().manual_seed(0)) + 0.1
+        for N, V in shapes:
+            for dtype in (torch.float32, torch.bfloat16):
+                if not smoke and N * V > 4096 * 32000 and dtype == torch.float32 and not str(device).startswith("cuda"):
+                    continue  # 2 GiB of fp32 logits plus their gradient: skipped on the 24 GiB CPU machines
+                if not smoke and grid != "K=32 log from 1e-3" and N * V < 4096 * 32000:
+                    continue  # the seed grid: the issue's shapes
+                ours, base = _loss_case(N, V, dtype, device, "ours", grid), _loss_case(N, V, dtype, device, "ce", grid)
+                case = f"{grid}: N={N} V={V} {str(dtype)[6:]}"
+                t_ours, t_base = interleaved([ours, base], device, repeat=3 if N * V > 4096 * 32000 else 7)
+                row("loss", case, t_ours, t_base, note="minpp_loss fwd+bwd (grad to logits and w) vs cross_entropy fwd+bwd, interleaved medians")
+                del ours, base
+                row("loss", case, loss_peak(N, V, dtype, device, "ours", grid), loss_peak(N, V, dtype, device, "ce", grid),
+                    "peak_bytes", note="above the inputs, fresh process (CPU) / allocator peak (CUDA)")
+                if not smoke and (N * V > 4096 * 32000 or grid != "K=32 log from 1e-3") and not str(device).startswith("cuda"):
+                    continue  # forward-only comparison: the smaller shapes tell it (keeps the run < 10 min)
+                z = (torch.randn(N, V, device=device) * 3).to(dtype)
+                tau_d, w = tau.to(device), w0.to(device)
+                with torch.no_grad():
+                    p = torch.softmax(z.float(), -1)
+                    row("loss", case, median_time(lambda: minpp_ref.minpp_probs(p, tau_d, w), device),
+                        median_time(lambda: minpp_ref.minpp_logits(z, tau_d, w), device),
+                        note="minpp_probs vs minpp_logits (forward)")
+                del z
 
 
 def bench_samplers(device, smoke):

@@ -35,7 +35,7 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
            "return (out[0] if squeeze else out).div_(math.sqrt(s))",
            "return out[0] if squeeze else out"),
     "M8": ("minpp_ref", "minpp_loss backward: the -onehot(target) term of dL/dz is missing",
-           "                g.scatter_add_(1, tc[:, None], -g_row[:, None])\n", ""),
+           "                g.scatter_add_(1, tc[:, None], -g_row[:, None])\n", "                pass\n"),
     "M9": ("minpp_ref", "minpp_loss backward: dL/dw off by one threshold",
            "torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:]",
            "torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[:-1]"),
