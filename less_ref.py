@@ -681,28 +681,41 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     return os.path.join(out_dir, "features.safetensors")
 
 
+def _progress(on, total, desc, rank, initial=0):
+    if not on:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"rank {rank}: {desc}", position=rank)
+
+
+def _features(model, examples, grad_type, adam, proj_dim, seed, kind, sjlt_s, batch_size, method, bar,
+              eps_outside=False):
+    """Projected features (N, proj_dim) of examples, batch by batch; a non-finite gradient is an error naming
+    the sample id (bf16 overflow or a broken example: its score would be meaningless)."""
+    rows = []
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b:b + batch_size]
+        g = example_gradients(model, batch, method)
+        bad = ~torch.isfinite(g).all(1)
+        if bad.any():
+            raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
+                             f"(bf16 overflow or a broken example); its score would be meaningless")
+        rows.append(projected_features(g, grad_type, adam, proj_dim, seed, kind, sjlt_s, eps_outside))
+        if bar:
+            bar.update(len(batch))
+    return torch.cat(rows) if rows else torch.zeros(0, proj_dim)
+
+
 def _collect_chunks(model, examples, shard, chunks, todo, grad_type, adam, proj_dim, seed, kind, sjlt_s, identity,
                     batch_size, method, progress, rank, checkpoint):
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(map(len, chunks)), initial=sum(map(len, chunks)) - sum(len(chunks[c]) for c in todo),
-                   desc=f"rank {rank}: {grad_type} features {checkpoint}", position=rank)
+    total = sum(map(len, chunks))
+    bar = _progress(progress, total, f"{grad_type} features {checkpoint}", rank,
+                    initial=total - sum(len(chunks[c]) for c in todo))
     for c in todo:
         chunk = [examples[i] for i in chunks[c]]
-        rows = []
-        for b in range(0, len(chunk), batch_size):
-            batch = chunk[b:b + batch_size]
-            g = example_gradients(model, batch, method)
-            bad = ~torch.isfinite(g).all(1)
-            if bad.any():
-                raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
-                                 f"(bf16 overflow or a broken example); its score would be meaningless")
-            rows.append(projected_features(g, grad_type, adam, proj_dim, seed, kind, sjlt_s))
-            if bar:
-                bar.update(len(batch))
-        _write_atomic({"features": torch.cat(rows).cpu().contiguous(), "positions": torch.tensor(chunks[c])},
+        feats = _features(model, chunk, grad_type, adam, proj_dim, seed, kind, sjlt_s, batch_size, method, bar)
+        _write_atomic({"features": feats.cpu().contiguous(), "positions": torch.tensor(chunks[c])},
                       {"ids": [ex["id"] for ex in chunk], "identity": identity}, _chunk_path(shard, c))
     if bar:
         bar.close()
@@ -820,25 +833,12 @@ def select_step(model, optimizer, pool, val, n_select, proj_dim=8192, seed=0, ba
     _whole("n_select", n_select, 0)
     adam = adam_state(model, optimizer)
     was_training = model.training
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(val) + len(range(rank, len(pool), world)), desc=f"rank {rank}: select_step", position=rank)
-
-    def feats(examples, grad_type):
-        rows = []
-        for b in range(0, len(examples), batch_size):
-            g = example_gradients(model, examples[b:b + batch_size], method)
-            rows.append(projected_features(g, grad_type, adam, proj_dim, seed, kind, sjlt_s, eps_outside))
-            if bar:
-                bar.update(g.shape[0])
-        return torch.cat(rows) if rows else torch.zeros(0, proj_dim)
-
+    mine = list(range(rank, len(pool), world))
+    bar = _progress(progress, len(val) + len(mine), "select_step", rank)
+    args = (adam, proj_dim, seed, kind, sjlt_s, batch_size, method, bar, eps_outside)
     try:
-        mine = list(range(rank, len(pool), world))
-        v = feats(val, "sgd")
-        local = influence_scores(feats([pool[i] for i in mine], "adam"), v).cpu() if mine else torch.zeros(0)
+        v = _features(model, val, "sgd", *args)
+        local = influence_scores(_features(model, [pool[i] for i in mine], "adam", *args), v).cpu() if mine else torch.zeros(0)
     finally:
         model.train(was_training)
         if bar:

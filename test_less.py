@@ -639,9 +639,12 @@ def test_changed_configuration_is_refused(impl, tmp_path, change):
 def test_failed_first_run_does_not_poison_the_directory(impl, tmp_path):
     model = _lm()
     ex = _examples(4)
-    for bad in ({"proj_dim": 0}, {"chunk_size": 0}, {"batch_size": -1}):
+    for bad in ({"proj_dim": 0}, {"chunk_size": 0}, {"batch_size": -1}, {"grad_type": "adam"}):  # adam: no state
         with pytest.raises(ValueError):
             _collect(impl, model, ex, tmp_path / "a", **bad)
+    frozen = _train_only(_lm(), "nothing")  # no trainable parameter
+    with pytest.raises(ValueError):
+        _collect(impl, frozen, ex, tmp_path / "a")
     _collect(impl, model, ex, tmp_path / "a")  # the corrected run is not refused
     assert impl.load_features(tmp_path / "a" / "features.safetensors")[1] == [e["id"] for e in ex]
 
@@ -671,6 +674,10 @@ def test_bad_examples_are_errors_naming_the_id(impl, tmp_path):
     del ex[2]["id"]
     with pytest.raises(ValueError, match="id"):
         _collect(impl, model, ex, tmp_path / "c")
+    ex = _examples(4)
+    ex[2]["id"] = torch.tensor(7)  # not storable as JSON: refused, never stored as a string of a tensor
+    with pytest.raises(ValueError):
+        _collect(impl, model, ex, tmp_path / "e")
     ex = _examples(4)
     ex[1]["input_ids"][0] = 63
     for e in ex[:1] + ex[2:]:
