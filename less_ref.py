@@ -937,8 +937,7 @@ def demo(workdir=None, proj_dim=2048, seed=0):
         for data, gt, files in ((pool, "adam", train_files), (val, "sgd", val_files)):
             out = os.path.join(workdir, f"{name}-{gt}")
             collect_features(model, data, out, gt, os.path.join(ck, "optimizer.pt"), proj_dim, seed, name,
-                             chunk_size=160, batch_size=16, progress=False)
-            merge_features(out)
+                             chunk_size=160, batch_size=16, progress=False)  # merged at the end
             files.append(os.path.join(out, "features.safetensors"))
     scores, ids = match(train_files, val_files, eta)
     top = select_top(scores, fraction=0.05)

@@ -248,7 +248,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
             m = _row_max(z, s).float()  # the max is exact in any dtype: no float32 copy of the chunk
             e = buf[:z.shape[0]]
             cand = _MinPPCrossEntropy._candidates(z, m, log_tau)
-            if grid and int(cand[1].sum()) > z.numel() // 8:  # many tokens above tau_min: every bucket in O(1)
+            if grid and int(torch.count_nonzero(cand[1])) > z.numel() // 8:  # many above tau_min: O(1) buckets
                 ws = ws or _MinPPCrossEntropy._workspace(buf)
                 j, fix = _MinPPCrossEntropy._dense(z, m, log_tau, grid, e, ws)
                 hist = torch.zeros(z.shape[0], prefix.numel(), device=z.device).scatter_add_(1, j, e)  # (n, K+1)
