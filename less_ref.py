@@ -108,7 +108,7 @@ def rademacher_block(seed, row0, nrows, proj_dim, device="cpu"):
     return _sign_table(device)[byte].reshape(nrows, W * 32)[:, :proj_dim]  # (nrows, proj_dim)
 
 
-def sjlt_block(seed, row0, nrows, proj_dim, s):
+def sjlt_block(seed, row0, nrows, proj_dim, s, device="cpu"):
     """The sparse JL transform's rows [row0, row0 + nrows): columns (nrows, s) and signs (nrows, s).
 
     Block construction (Kane & Nelson): proj_dim is split into s blocks of about proj_dim / s columns and
@@ -116,8 +116,8 @@ def sjlt_block(seed, row0, nrows, proj_dim, s):
     _words(i * s + t) of a seed stream separate from the dense kind's (bit 0: sign, bits 1-31: column)."""
     s1, s2 = _seeds(seed, 0x51A7)
     _check_rows(row0, nrows, s)
-    rows = torch.arange(row0, row0 + nrows, dtype=torch.int64)
-    t = torch.arange(s, dtype=torch.int64)
+    rows = torch.arange(row0, row0 + nrows, dtype=torch.int64, device=device)
+    t = torch.arange(s, dtype=torch.int64, device=device)
     start = t * proj_dim // s  # block t: columns [t k / s, (t + 1) k / s)
     words = _words(rows[:, None] * s + t, s1, s2)  # (nrows, s)
     cols = start + (words >> 1) % ((t + 1) * proj_dim // s - start)
@@ -165,9 +165,9 @@ def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, bloc
     block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
     for r0 in range(0, D, block_rows):
         nr = min(block_rows, D - r0)
-        cols, signs = sjlt_block(seed, row_offset + r0, nr, proj_dim, s)
+        cols, signs = sjlt_block(seed, row_offset + r0, nr, proj_dim, s, x.device)  # hashed on x's device
         xt = x[:, r0:r0 + nr].T.float()  # (nr, N)
-        out_t.index_add_(0, cols.to(x.device).reshape(-1), (xt[:, None, :] * signs.to(x.device)[..., None]).reshape(-1, N))
+        out_t.index_add_(0, cols.reshape(-1), (xt[:, None, :] * signs[..., None]).reshape(-1, N))
     return (out[0] if squeeze else out).div_(math.sqrt(s))
 
 
