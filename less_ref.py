@@ -894,8 +894,11 @@ def trainer_optimizer(model, lr, weight_decay=0.0):
 
 def demo(workdir=None, proj_dim=2048, seed=0):
     import tempfile
+    import warnings
 
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    warnings.filterwarnings("ignore", "There is a performance drop")  # torch.func on CPU SDPA: correct, slower
 
     workdir = workdir or tempfile.mkdtemp(prefix="less_demo_")
     torch.manual_seed(seed)
@@ -942,9 +945,13 @@ def demo(workdir=None, proj_dim=2048, seed=0):
     scores, ids = match(train_files, val_files, eta)
     top = select_top(scores, fraction=0.05)
     hit = sum(ids[i].startswith("copy") for i in top.tolist())
-    print(f"selected top 5%: {len(top)} examples, {hit} from the validation task (copy); "
-          f"random selection would give {len(top) * 40 / 400:.1f}")
-    print(f"features and checkpoints in {workdir}")
+    print(f"selected the top 5%: {len(top)} examples, {hit} of them from the validation task (copy); "
+          f"a random 5% would hold {len(top) * 40 / 400:.1f}")
+    print("the five best scores (mean cosine with the validation gradients, weighted over checkpoints):")
+    for i in top[:5].tolist():
+        print(f"  {ids[i]:12s} {scores[i].item():+.4f}")
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(workdir) for f in fs)
+    print(f"features and checkpoints: {workdir} ({size / 2 ** 20:.1f} MiB; delete it when done)")
     return hit, len(top)
 
 

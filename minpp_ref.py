@@ -709,17 +709,26 @@ def demo(p_base=0.1, seed=0):
     labels[:, :8] = -100  # the prompt does not count
     logits, target = answer_logits(model, ids, labels)
     head = MinPPlusHead(K=16, grid="log", tau_min=1e-3)
-    print(f"{target.numel()} answer tokens sampled from min-p({p_base}) of a tiny Llama; head K={head.tau.numel()}")
-    print("before:", head_diagnostics(head, logits, target))
+    print(f"{target.numel()} answer tokens sampled from min-p({p_base}) of a tiny Llama; a MinP+ head with "
+          f"{head.tau.numel()} thresholds learns to imitate that sampler from them (300 Adam steps)")
+
+    def show(when, d):
+        print(f"{when}: cross-entropy of the answers {d['base_ce']:.3f} (base model) vs {d['minpp_ce']:.3f} (MinP+); "
+              f"H(w / sum w) = {d['weight_entropy']:.2f} nats; {d['active']} thresholds active, keeping "
+              f"{100 * d['kept_fraction']:.1f}% of the vocabulary")
+
+    show("before training", head_diagnostics(head, logits, target))
     train_head(head, logits, target, steps=300, lr=0.2)
-    print("after: ", head_diagnostics(head, logits, target))
+    show("after training ", head_diagnostics(head, logits, target))
     oracle = F.cross_entropy(torch.log(apply_min_p(torch.softmax(logits, -1), p_base)), target).item()
-    print(f"CE of the true min-p({p_base}) distribution: {oracle:.4f}")
+    print(f"the true min-p({p_base}) sampler scores {oracle:.3f}: the best any head can do")
     share = (head.w / head.w.sum()).detach()
+    print(f"learned weight per threshold (min-p({p_base}) keeps tokens with p / max p >= {p_base}):")
     print("threshold  weight share")
     for t, s in zip(head.tau.tolist(), share.tolist()):
         print(f"{t:9.4f}  {s:6.3f} {'#' * int(40 * s)}")
     prompt = prompts[:1]
+    print("12 new tokens for the first prompt, per sampler (token ids of the random vocabulary):")
     for method, kw in [("greedy", {}), ("none", {}), ("top_k", {"top_k": 5}), ("top_p", {"top_p": 0.9}),
                        ("min_p", {"min_p": p_base}), ("minpp", {"minpp": (head.tau, head.w.detach())})]:
         print(f"{method:7s}", generate(model, prompt, 12, method=method, generator=g, **kw)[0])
