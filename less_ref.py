@@ -324,6 +324,59 @@ def check_examples(examples, vocab_size=None):
                          f"ids {empty[:10]}: drop them before collecting")
 
 
+def encode_example(record, tokenizer, max_length=2048):
+    """One example {"id", "input_ids", "labels"} from a record, the way LESS's data code builds it:
+    - {"prompt", "response"}: text = prompt + response + eos (a space between them when neither side has one),
+      labels -100 on the prompt's tokens;
+    - {"messages": [{"role", "content"}, ...]}: rendered with the tokenizer's chat template, labels only on the
+      assistant messages' tokens (each one's span: the template up to it with the generation prompt, to its end).
+    Truncated to max_length tokens; if no response token is left (or there was none) that is a ValueError naming
+    the id, as in check_examples. record["id"] is kept (read_jsonl supplies one when absent)."""
+    sid = record.get("id")
+    ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if "messages" in record:
+        msgs = record["messages"]
+        render = lambda m, gen=False: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+        ids = ids_of(render(msgs))
+        labels = [-100] * len(ids)
+        for i, m in enumerate(msgs):
+            if m.get("role") == "assistant":
+                a, b = len(ids_of(render(msgs[:i], True))), len(ids_of(render(msgs[:i + 1])))
+                labels[a:b] = ids[a:b]
+    elif "prompt" in record and "response" in record:
+        p, r = record["prompt"], record["response"]
+        sep = "" if p.endswith((" ", "\n", "\t")) or r.startswith((" ", "\n", "\t")) else " "
+        ids = ids_of(p + sep + r + (tokenizer.eos_token or ""))
+        n_prompt = len(ids_of(p))
+        labels = [-100] * n_prompt + ids[n_prompt:]
+    else:
+        raise ValueError(f"record {sid!r} needs 'prompt' and 'response', or 'messages'; it has {sorted(record)}")
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == -100 for x in labels[1:]):
+        raise ValueError(f"sample id {sid!r}: no response token left within max_length={max_length} "
+                         f"({len(ids)} tokens kept): raise max_length or drop the record")
+    return {"id": sid, "input_ids": ids, "labels": labels}
+
+
+def read_jsonl(path):
+    """The records of a JSONL file, each with an 'id': its own, or '<file name>:<line number>' (1-based) when
+    absent. A line that is not a JSON object is a ValueError naming the file and line."""
+    out, name = [], os.path.basename(str(path))
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
+            rec.setdefault("id", f"{name}:{n}")
+            out.append(rec)
+    return out
+
+
 def example_gradients(model, examples, method="vmap"):
     """(B, D) float32 per-example gradients of the HF causal-LM loss (mean CE over labels != -100),
     over trainable_parameters(model), in eval mode (dropout must not change features).

@@ -1066,3 +1066,49 @@ def test_select_step_is_broadcast_so_ranks_agree(tmp_path):
     opt.step()
     single = ref.select_step(model, opt, ex, _examples(3, seed=7, prefix="val"), n_select=4, proj_dim=64)
     assert picks[0] == single.tolist()
+
+
+# --- data preparation (reference-only: no faster implementation replaces it)
+
+
+def _word_tokenizer():
+    """An offline word-level tokenizer with a ChatML-like template (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"] + \
+        [str(i) for i in range(20)] + ["what", "is", "+", "?", "=", "####", "the", "answer"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    return tok
+
+
+def test_encode_prompt_response_and_messages():
+    tok = _word_tokenizer()
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ex = ref.encode_example({"id": "a", "prompt": "what is 3 + 4 ?", "response": "7"}, tok)
+    assert ex["input_ids"] == ids("what is 3 + 4 ? 7 <eos>")
+    assert ex["labels"] == [-100] * 6 + ids("7 <eos>")
+    msgs = [{"role": "system", "content": "the answer"}, {"role": "user", "content": "what is 1 + 2 ?"},
+            {"role": "assistant", "content": "3"}, {"role": "user", "content": "+ 4 ?"}, {"role": "assistant", "content": "7"}]
+    ex = ref.encode_example({"id": "b", "messages": msgs}, tok)
+    kept = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert kept == ids("3 <|im_end|> 7 <|im_end|>"), tok.decode(kept)
+    ref.check_examples([ex], tok.vocab_size)
+
+
+def test_encode_truncation_and_bad_records(tmp_path):
+    tok = _word_tokenizer()
+    with pytest.raises(ValueError, match="'long'.*max_length=6"):
+        ref.encode_example({"id": "long", "prompt": "what is 3 + 4 ?", "response": "7"}, tok, max_length=6)
+    assert ref.encode_example({"id": "ok", "prompt": "what is 3 + 4 ?", "response": "7"}, tok, max_length=7)["labels"][-1] != -100
+    with pytest.raises(ValueError, match="'x'.*prompt"):
+        ref.encode_example({"id": "x", "text": "what"}, tok)
+    (tmp_path / "d.jsonl").write_text('{"id": "q1", "prompt": "1", "response": "2"}\n\n{"prompt": "3", "response": "4"}\n')
+    assert [r["id"] for r in ref.read_jsonl(tmp_path / "d.jsonl")] == ["q1", "d.jsonl:3"]
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        ref.read_jsonl(tmp_path / "bad.jsonl")
