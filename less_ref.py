@@ -1008,8 +1008,113 @@ def demo(workdir=None, proj_dim=2048, seed=0):
     return hit, len(top)
 
 
+# ----------------------------------------------------------------------------
+# command line: python less_ref.py {collect, match, select, demo} --help
+
+
+def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r=0, lora_targets="q_proj,v_proj"):
+    """(model, tokenizer) from a directory or hub id (gguf_file for a GGUF checkpoint); trainable parameters: a
+    saved peft LoRA adapter, or a fresh LoRA of rank lora_r on lora_targets, or (neither) every parameter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(model, **kw)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kw)
+    if lora_adapter:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, lora_adapter, is_trainable=True)
+    elif lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                           target_modules=lora_targets.split(",")))
+    return lm, tok
+
+
+def _cli(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="less_ref.py", description="LESS gradient-feature data selection.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect", help="per-example features of a JSONL file (runs under torchrun unchanged)")
+    c.add_argument("--model", required=True, help="model directory or hub id")
+    c.add_argument("--gguf-file", help="GGUF file inside --model")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--lora-adapter", help="a saved peft LoRA adapter: its parameters are the gradient's")
+    c.add_argument("--lora-r", type=int, default=0, help="else a fresh LoRA of this rank (0: every parameter)")
+    c.add_argument("--lora-targets", default="q_proj,v_proj")
+    c.add_argument("--data", required=True, help="JSONL: prompt/response or messages records (id optional)")
+    c.add_argument("--out", required=True, help="output directory (features.safetensors when done)")
+    c.add_argument("--grad-type", default="adam", choices=["adam", "sgd", "sign"])
+    c.add_argument("--optimizer-state", help="optimizer.pt (Trainer) or optimizer.bin (FSDP) of the checkpoint")
+    c.add_argument("--proj-dim", type=int, default=8192)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--kind", default="rademacher", choices=["rademacher", "sjlt"])
+    c.add_argument("--checkpoint", default="", help="a name recorded with the features (e.g. checkpoint-1)")
+    c.add_argument("--max-length", type=int, default=2048)
+    c.add_argument("--batch-size", type=int, default=8)
+    m = sub.add_parser("match", help="scores of train examples against validation examples")
+    m.add_argument("--train", nargs="+", required=True, help="train features.safetensors, one per checkpoint")
+    m.add_argument("--val", nargs="+", required=True, help="validation features.safetensors, same checkpoints")
+    m.add_argument("--weights", nargs="+", type=float, help="checkpoint weights (default: uniform)")
+    m.add_argument("--trainer-state", help="or: derive them from this trainer_state.json")
+    m.add_argument("--n-subtasks", type=int, default=1)
+    m.add_argument("--out", required=True, help="JSONL of {id, score}")
+    s = sub.add_parser("select", help="write the top-scoring records, in score order")
+    s.add_argument("--scores", nargs="+", required=True, help="JSONL files written by match")
+    s.add_argument("--data", nargs="+", required=True, help="the JSONL files the train features came from")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--fraction", type=float)
+    g.add_argument("--k", type=int)
+    s.add_argument("--out", required=True)
+    sub.add_parser("demo", help="an offline end-to-end run on a tiny model")
+    a = ap.parse_args(argv)
+    if a.cmd == "demo":
+        return demo()
+    if a.cmd == "collect":
+        if "RANK" in os.environ:  # torchrun
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        model, tok = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        examples = [encode_example(r, tok, a.max_length) for r in read_jsonl(a.data)]
+        path = collect_features(model, examples, a.out, a.grad_type, a.optimizer_state, a.proj_dim, a.seed,
+                                a.checkpoint, batch_size=a.batch_size, kind=a.kind)
+        if _world()[0] == 0:
+            print(f"{len(examples)} examples -> {path}")
+        return
+    if a.cmd == "match":
+        weights = a.weights or (checkpoint_weights_from_trainer_state(a.trainer_state) if a.trainer_state else None)
+        scores, ids = match(a.train, a.val, weights, a.n_subtasks)
+        with open(a.out, "w") as f:
+            for i, sc in zip(ids, scores.tolist()):
+                f.write(json.dumps({"id": i, "score": sc}) + "\n")
+        print(f"{len(ids)} scores -> {a.out}")
+        return
+    ids, scores = [], []
+    for path in a.scores:
+        for r in read_jsonl(path):
+            ids.append(r["id"])
+            scores.append(float(r["score"]))
+    records = {}
+    for path in a.data:
+        for r in read_jsonl(path):
+            if r["id"] in records:
+                raise ValueError(f"sample id {r['id']!r} appears twice in {a.data}")
+            records[r["id"]] = r
+    missing = [i for i in ids if i not in records]
+    if missing:
+        raise ValueError(f"{len(missing)} scored ids are in none of {a.data}, e.g. {missing[:3]}")
+    top = select_top(torch.tensor(scores, dtype=torch.float64), a.fraction, a.k)
+    with open(a.out, "w") as f:
+        for i in top.tolist():
+            f.write(json.dumps(records[ids[i]]) + "\n")
+    print(f"{len(top)} of {len(ids)} records -> {a.out}")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["demo"]:
-        demo()
-    else:
-        print("usage: python less_ref.py demo")
+    _cli()

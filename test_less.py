@@ -1112,3 +1112,37 @@ def test_encode_truncation_and_bad_records(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n[1, 2]\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         ref.read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_command_line_collect_match_select(tmp_path):
+    """The three LESS scripts as commands, on a model directory and JSONL files: selected records in score order."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _word_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rows = [{"id": f"add{i}", "prompt": f"what is {i} + {i} ?", "response": f"{2 * i} #### {2 * i}"} for i in range(8)] + \
+        [{"messages": [{"role": "user", "content": f"{i} ?"}, {"role": "assistant", "content": f"the answer is {i}"}]} for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    common = ["--model", str(tmp_path / "m"), "--grad-type", "sgd", "--proj-dim", "64", "--checkpoint", "ck"]
+    ref._cli(["collect", *common, "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "t")])
+    ref._cli(["collect", *common, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "v")])
+    ref._cli(["match", "--train", str(tmp_path / "t" / "features.safetensors"), "--val", str(tmp_path / "v" / "features.safetensors"),
+              "--out", str(tmp_path / "scores.jsonl")])
+    scores = [json.loads(x) for x in open(tmp_path / "scores.jsonl")]
+    assert [s["id"] for s in scores] == [f"add{i}" for i in range(8)] + [f"train.jsonl:{9 + i}" for i in range(6)]
+    ref._cli(["select", "--scores", str(tmp_path / "scores.jsonl"), "--data", str(tmp_path / "train.jsonl"), "--k", "3",
+              "--out", str(tmp_path / "sel.jsonl")])
+    chosen = [json.loads(x)["id"] for x in open(tmp_path / "sel.jsonl")]
+    assert chosen == [s["id"] for s in sorted(scores, key=lambda s: -s["score"])[:3]]
+    assert chosen[0] in ("add0", "add1"), "a validation example scores highest against itself"
+    for args in (["--help"], ["collect", "--help"]):
+        assert subprocess.run([sys.executable, "less_ref.py", *args], capture_output=True).returncode == 0
+    bad = subprocess.run([sys.executable, "less_ref.py", "selekt"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
