@@ -21,8 +21,8 @@ Run `python minpp_ref.py demo` for an offline end-to-end run on a tiny model.
 """
 import json
 import math
+import os
 import re
-import sys
 import warnings
 from fractions import Fraction
 
@@ -734,8 +734,144 @@ def demo(p_base=0.1, seed=0):
         print(f"{method:7s}", generate(model, prompt, 12, method=method, generator=g, **kw)[0])
 
 
+# ----------------------------------------------------------------------------
+# command line: python minpp_ref.py {train, eval, generate, demo} --help
+
+
+def _load(model, gguf_file=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(model, **kw)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(model, **kw).eval(), tok
+
+
+def _prompt_text(tok, prompt):
+    """The prompt as the model sees it: the chat template's user turn + generation prompt when there is one."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def _records(path):
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or "prompt" not in r or "answer" not in r:
+            raise ValueError(f"{path}: record {n} needs 'prompt' and 'answer' (GSM8K style: '... #### 42')")
+    return rows
+
+
+def _answer_data(model, tok, rows, max_length):
+    """Frozen logits at the answer tokens of every record (prompt as the model sees it, answer + eos): (n, V)."""
+    zs, ts = [], []
+    for r in rows:
+        p = tok(_prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
+        a = tok(r["answer"] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([(p + a)[:max_length]])
+        labels = torch.tensor([([-100] * len(p) + a)[:max_length]])
+        z, t = answer_logits(model, ids, labels)
+        zs.append(z)
+        ts.append(t)
+    return torch.cat(zs), torch.cat(ts)
+
+
+def _sampler(spec, head):
+    """'greedy', 'none', 'top_k=50', 'top_p=0.9', 'min_p=0.1' or 'minpp' -> generate() keyword arguments."""
+    name, _, value = spec.partition("=")
+    if name == "greedy":
+        return {"method": "greedy"}
+    if name == "minpp":
+        if head is None:
+            raise ValueError("the 'minpp' sampler needs --head")
+        return {"method": "minpp", "minpp": (head.tau, head.w.detach())}
+    if name not in ("none", "top_k", "top_p", "min_p") or (name != "none") != bool(value):
+        raise ValueError(f"sampler {spec!r}: use greedy, none, top_k=K, top_p=P, min_p=P or minpp")
+    return {"method": name, **({name: int(value) if name == "top_k" else float(value)} if value else {})}
+
+
+def _cli(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="minpp_ref.py", description="MinP+ heads: train, evaluate, generate.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="fit a head on a frozen model's distributions at reference answers")
+    e = sub.add_parser("eval", help="GSM8K-style accuracy per sampler and temperature")
+    g = sub.add_parser("generate", help="continue one prompt")
+    for p in (t, e, g):
+        p.add_argument("--model", required=True, help="model directory or hub id")
+        p.add_argument("--gguf-file", help="GGUF file inside --model")
+    t.add_argument("--data", required=True, help="JSONL of {prompt, answer}")
+    t.add_argument("--K", type=int, default=32)
+    t.add_argument("--grid", default="log", choices=["log", "linear"])
+    t.add_argument("--tau-min", type=float, default=1e-3)
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--reg", default="entropy", choices=["entropy", "l1"])
+    t.add_argument("--lam", type=float, default=0.0, help="lam > 0 sharpens (fewer active thresholds)")
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--max-length", type=int, default=1024)
+    t.add_argument("--out", required=True, help="head.safetensors (and its .jsonl export beside it)")
+    e.add_argument("--data", required=True, help="JSONL of {prompt, answer}; answers end in '#### N'")
+    e.add_argument("--head", help="a trained head (for the minpp sampler)")
+    e.add_argument("--samplers", default="greedy,top_p=0.9,min_p=0.1,minpp")
+    e.add_argument("--temperatures", default="0.7,1.0,1.5")
+    e.add_argument("--n-samples", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=8)
+    for p in (e, g):
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--sampler", default="greedy")
+    g.add_argument("--head")
+    g.add_argument("--temperature", type=float, default=1.0)
+    sub.add_parser("demo", help="an offline end-to-end run on a tiny model")
+    a = ap.parse_args(argv)
+    if a.cmd == "demo":
+        return demo()
+    model, tok = _load(a.model, a.gguf_file)
+    if a.cmd == "train":
+        z, target = _answer_data(model, tok, _records(a.data), a.max_length)
+        head = MinPPlusHead(K=a.K, grid=a.grid, tau_min=a.tau_min)
+        train_head(head, z, target, steps=a.steps, lr=a.lr, reg=a.reg, lam=a.lam, temperature=a.temperature,
+                   log_every=max(1, a.steps // 10))
+        d = head_diagnostics(head, apply_temperature(z, a.temperature), target)
+        print(f"{target.numel()} answer tokens: cross-entropy {d['base_ce']:.4f} (base) -> {d['minpp_ce']:.4f} (MinP+); "
+              f"{d['active']} active thresholds keep {100 * d['kept_fraction']:.1f}% of the vocabulary")
+        head.save(a.out)
+        head.export_jsonl(os.path.splitext(a.out)[0] + ".jsonl")
+        print(f"head -> {a.out}")
+        return
+    head = MinPPlusHead.load(a.head) if a.head else None
+    g_ = torch.Generator().manual_seed(a.seed)
+    if a.cmd == "generate":
+        enc = tok([_prompt_text(tok, a.prompt)], return_tensors="pt", add_special_tokens=False)
+        out = generate(model, enc.input_ids, a.max_new_tokens, temperature=a.temperature, attention_mask=enc.attention_mask,
+                       eos_token_id=tok.eos_token_id, generator=g_, **_sampler(a.sampler, head))
+        print(tok.decode(out[0], skip_special_tokens=True))
+        return
+    rows = _records(a.data)
+    samplers, temps = a.samplers.split(","), [float(x) for x in a.temperatures.split(",")]
+    table = {}
+    for spec in samplers:
+        for T in temps if spec != "greedy" else temps[:1]:
+            right = 0
+            for b in range(0, len(rows), a.batch_size):
+                batch = rows[b:b + a.batch_size]
+                enc = tok([_prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+                for _ in range(a.n_samples if spec != "greedy" else 1):
+                    outs = generate(model, enc.input_ids, a.max_new_tokens, temperature=T, attention_mask=enc.attention_mask,
+                                    eos_token_id=tok.eos_token_id, generator=g_, **_sampler(spec, head))
+                    right += sum(answers_match(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, r in zip(outs, batch))
+            n = len(rows) * (a.n_samples if spec != "greedy" else 1)
+            table[spec, T] = right / n
+            print(f"{spec:12s} T={T:<4}  accuracy {right}/{n} = {right / n:.3f}", flush=True)
+    return table
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["demo"]:
-        demo()
-    else:
-        print("usage: python minpp_ref.py demo")
+    _cli()

@@ -925,3 +925,55 @@ def test_loss_fast_path_buckets_like_bucketize(grid):
     w = torch.rand(tau.numel(), generator=torch.Generator().manual_seed(1)) + 0.1
     plain = torch.nn.functional.cross_entropy(ref.minpp_logits(z, tau, w), t)
     torch.testing.assert_close(ref.minpp_loss(z, t, tau, w, chunk_rows=8), plain)
+
+
+def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
+    """train writes a head (and its export) from a model directory and a JSONL file; eval counts GSM8K answers per
+    sampler and temperature over batches and samples (generation stubbed to known answers here); generate runs."""
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant"] + [str(i) for i in range(10)] + \
+        ["what", "is", "+", "?", "####"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rows = [{"prompt": f"what is {i} + {i % 3} ?", "answer": f"{i + i % 3} #### {i + i % 3}"} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = str(tmp_path / "m")
+    ref._cli(["train", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--K", "8", "--steps", "20",
+              "--out", str(tmp_path / "head.safetensors")])
+    head = ref.MinPPlusHead.load(tmp_path / "head.safetensors")
+    assert head.tau.numel() == 8 and (tmp_path / "head.jsonl").exists()
+    assert "answer tokens: cross-entropy" in capsys.readouterr().out
+
+    def stub(model, input_ids, n, **kw):  # answers "what is a + b ?" right when a is even, with 9 otherwise
+        outs = []
+        for row in input_ids:
+            words = tok.decode(row, skip_special_tokens=True).split()
+            a, b = int(words[words.index("+") - 1]), int(words[words.index("+") + 1])
+            outs.append(tok(f"#### {a + b if a % 2 == 0 else 9}", add_special_tokens=False)["input_ids"])
+        return outs
+
+    monkeypatch.setattr(ref, "generate", stub)
+    table = ref._cli(["eval", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--head", str(tmp_path / "head.safetensors"),
+                      "--samplers", "greedy,top_p=0.9,minpp", "--temperatures", "0.7,1.5", "--batch-size", "2", "--n-samples", "3"])
+    expected = 3 / 5  # rows 0, 2, 4 (golds 0, 4, 5; none of them 9)
+    assert table == {("greedy", 0.7): expected, ("top_p=0.9", 0.7): expected, ("top_p=0.9", 1.5): expected,
+                     ("minpp", 0.7): expected, ("minpp", 1.5): expected}
+    monkeypatch.undo()
+    ref._cli(["generate", "--model", m, "--prompt", "what is 1 + 1 ?", "--max-new-tokens", "4"])  # runs end to end
+    for args in (["--help"], ["eval", "--help"]):
+        assert subprocess.run([sys.executable, "minpp_ref.py", *args], capture_output=True).returncode == 0
+    bad = subprocess.run([sys.executable, "minpp_ref.py", "trian"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
