@@ -767,8 +767,10 @@ def _records(path):
 
 def _answer_data(model, tok, rows, max_length):
     """Frozen logits at the answer tokens of every record (prompt as the model sees it, answer + eos): (n, V)."""
+    from tqdm import tqdm
+
     zs, ts = [], []
-    for r in rows:
+    for r in tqdm(rows, desc="answer logits"):
         p = tok(_prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
         a = tok(r["answer"] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
         ids = torch.tensor([(p + a)[:max_length]])
@@ -855,11 +857,13 @@ def _cli(argv=None):
         return
     rows = _records(a.data)
     samplers, temps = a.samplers.split(","), [float(x) for x in a.temperatures.split(",")]
+    from tqdm import tqdm
+
     table = {}
     for spec in samplers:
         for T in temps if spec != "greedy" else temps[:1]:
             right = 0
-            for b in range(0, len(rows), a.batch_size):
+            for b in tqdm(range(0, len(rows), a.batch_size), desc=f"{spec} T={T}", leave=False):
                 batch = rows[b:b + a.batch_size]
                 enc = tok([_prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
                           add_special_tokens=False)
