@@ -15,6 +15,7 @@ sjlt     : project(kind="sjlt") vs the dense kind at D = 2^22, k = 8192, 16 rows
 jl       : JL quality of both kinds on real per-example gradients (a tiny Llama): |Px|^2 / |x|^2, pairwise
            cosine errors, and the top-5% LESS selection from projected vs exact (unprojected) features.
 fingerprint : model_fingerprint (sha256 of every parameter) on a ~1e8-parameter Llama.
+slices   : peak memory of the collection's feature step, whole gradient vs projected_features (row_offset slices).
 """
 import argparse
 import json
@@ -321,15 +322,16 @@ def bench_jl(device, smoke):
     n_top = max(1, int(0.05 * len(exact)))
     top = set(less_ref.select_top(exact, k=n_top).tolist())
     x = train[:100].double()
+    n_x = x.shape[0]
     gram = x @ x.T / (x.norm(dim=1)[:, None] * x.norm(dim=1)[None])
     for k in (1024,) if smoke else (2048, 8192):
         for kind, s in (("rademacher", None), ("sjlt", 1), ("sjlt", 4)):
             kw = {} if s is None else {"kind": kind, "s": s}
             pt, pv = less_ref.project(train, k, **kw), less_ref.project(val, k, **kw)
-            ratio = (pt[:100].double().norm(dim=1) / x.norm(dim=1)) ** 2
-            px = pt[:100].double()
+            ratio = (pt[:n_x].double().norm(dim=1) / x.norm(dim=1)) ** 2
+            px = pt[:n_x].double()
             pg = px @ px.T / (px.norm(dim=1)[:, None] * px.norm(dim=1)[None])
-            off = ~torch.eye(100, dtype=torch.bool)
+            off = ~torch.eye(n_x, dtype=torch.bool)
             chosen = set(less_ref.select_top(less_ref.influence_scores(pt, pv), k=n_top).tolist())
             name = kind if s is None else f"sjlt s={s}"
             r = {"group": "jl", "case": f"{name} k={k} D={D}", "norm_ratio_mean": ratio.mean().item(),
@@ -356,7 +358,31 @@ def bench_fingerprint(device, smoke):
         what="s_vs_GB", note=f"sha256 of every parameter: {gb / t:.2f} GB/s; a 7B bf16 model (14 GB) ~ {14 / (gb / t):.0f} s")
 
 
-BENCHES = ("project", "grads", "loss", "samplers", "sjlt", "jl", "fingerprint")
+def _features_peak(which, B, D):
+    """Peak RSS above the inputs of Adam features + sjlt projection of (B, D) gradients, in a fresh process."""
+    g, m, v = torch.randn(B, D), torch.randn(D) * 1e-3, torch.rand(D) * 1e-6
+    if which == "whole":
+        fn = lambda: less_ref.project(less_ref.gradient_features(g, "adam", (m, v)), 8192, kind="sjlt")  # noqa: E731
+    else:
+        fn = lambda: less_ref.projected_features(g, "adam", (m, v), 8192, kind="sjlt")  # noqa: E731
+    return peak_memory(fn, "cpu")
+
+
+def bench_slices(device, smoke):
+    """Collection's feature step: Adam features of the whole (B, D) gradient then project, vs projected_features
+    (slices of 2^22 coordinates with row_offset)."""
+    import multiprocessing as mp
+
+    B, D = (2, 2 ** 16) if smoke else (8, 2 ** 24)
+    with mp.get_context("spawn").Pool(1) as pool:
+        sliced = pool.apply(_features_peak, ("sliced", B, D))
+    with mp.get_context("spawn").Pool(1) as pool:
+        whole = pool.apply(_features_peak, ("whole", B, D))
+    row("slices", f"Adam features + sjlt, B={B}, D=2^{int(math.log2(D))}", sliced, whole, "peak_bytes",
+        note="projected_features (row_offset slices) vs project(gradient_features(...)), fresh processes")
+
+
+BENCHES = ("project", "grads", "loss", "samplers", "sjlt", "jl", "fingerprint", "slices")
 
 
 def main():
