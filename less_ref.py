@@ -74,8 +74,9 @@ def _sign_table(device):
 
 
 def _seeds(seed, salt):
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
-        raise ValueError(f"seed must be a whole number in [0, 2^32), got {seed!r}")
+    _whole("seed", seed, 0)
+    if seed >= 2 ** 32:
+        raise ValueError(f"seed must be < 2^32, got {seed}")
     return _fmix32(seed ^ 0x9E3779B9 ^ salt), _fmix32(seed ^ 0x7F4A7C15 ^ salt)
 
 
@@ -87,8 +88,7 @@ def _words(counter, s1, s2):
 
 def _check_rows(row0, nrows, per_row):
     """The counter row * per_row + j must stay below 2^63: rows < 2^63 / per_row (2^55 at k = 8192)."""
-    if isinstance(row0, bool) or not isinstance(row0, int) or row0 < 0:
-        raise ValueError(f"row_offset must be a whole number >= 0, got {row0!r}")
+    _whole("row_offset", row0, 0)
     if (row0 + nrows) * per_row > 2 ** 63:
         raise ValueError(f"row {row0 + nrows - 1} is past the projection's limit: row indices must be < 2^63 / "
                          f"{per_row} = {2 ** 63 // per_row} for this proj_dim")
@@ -146,8 +146,7 @@ def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, bloc
     if x.dim() != 2:
         raise ValueError(f"x must be (N, D) or (D,), got shape {tuple(x.shape)}")
     N, D = x.shape
-    if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1:
-        raise ValueError(f"proj_dim must be a whole number >= 1, got {proj_dim!r}")
+    _whole("proj_dim", proj_dim)
     out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)
     if kind == "rademacher":
         _check_rows(row_offset, D, (proj_dim + 31) // 32)
@@ -158,8 +157,9 @@ def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, bloc
         return (out[0] if squeeze else out).div_(math.sqrt(proj_dim))
     if kind != "sjlt":
         raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
-    if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= proj_dim:
-        raise ValueError(f"sjlt needs a whole number s in [1, proj_dim={proj_dim}] (nonzeros per row), got s={s!r}")
+    _whole("s (sjlt nonzeros per row)", s)
+    if s > proj_dim:
+        raise ValueError(f"sjlt needs s <= proj_dim={proj_dim}, got s={s}")
     _check_rows(row_offset, D, s)
     out_t = out.T  # (proj_dim, N) view: index_add_ adds whole rows of N contiguous values
     block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
