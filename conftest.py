@@ -124,6 +124,20 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"{name}: not provided (tests skipped): {', '.join(sorted(attrs))}")
 
 
+def word_tokenizer(words):
+    """An offline word-level tokenizer over `words` (eos <eos>, pad <pad>, which must be in it) with a ChatML-like
+    chat template: no download, for the tests of data preparation and the command lines."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    return tok
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from conftest import TOL
+from conftest import TOL, word_tokenizer
 
 IMPL_KIND = "less"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -1072,18 +1072,8 @@ def test_select_step_is_broadcast_so_ranks_agree(tmp_path):
 
 
 def _word_tokenizer():
-    """An offline word-level tokenizer with a ChatML-like template (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"] + \
-        [str(i) for i in range(20)] + ["what", "is", "+", "?", "=", "####", "the", "answer"]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-    return tok
+    return word_tokenizer(["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"] +
+                          [str(i) for i in range(20)] + ["what", "is", "+", "?", "=", "####", "the", "answer"])
 
 
 def test_encode_prompt_response_and_messages():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
-from conftest import TOL
+from conftest import TOL, word_tokenizer
 
 IMPL_KIND = "minpp"
 LOG_SLACK = 1e-5  # |log r - log tau| below this is "on the boundary": either side is correct
@@ -934,16 +934,11 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
     import subprocess
     import sys
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     words = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant"] + [str(i) for i in range(10)] + \
         ["what", "is", "+", "?", "####"]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    tok = word_tokenizer(words)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "m")
