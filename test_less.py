@@ -24,6 +24,13 @@ def assert_close(actual, expected, msg="", dtype=torch.float32):
     torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype], msg=lambda m: f"{msg}\n{m}")
 
 
+def adam64(g, m, v, eps_outside=False):
+    """The Adam feature in float64: m_hat / sqrt(v_hat + eps) (eps outside the root when asked)."""
+    g, m, v = g.double(), m.double(), v.double()
+    m_hat, v_hat = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+    return m_hat / (v_hat.sqrt() + 1e-8) if eps_outside else m_hat / (v_hat + 1e-8).sqrt()
+
+
 def assert_projections_close(a, b, x, k):
     """Equal up to float32 summation order: |a - b| <= 1e-5 |x|_1 / sqrt(k) (entries can cancel to ~0)."""
     bound = 1e-5 * x.double().abs().sum(-1, keepdim=True) / math.sqrt(k) + 1e-30
@@ -54,8 +61,7 @@ def test_adam_features_formula(impl, dtype, g, mseed, vscale):
     v = torch.rand(g.shape[1], generator=gen).float() * vscale
     gd = g.to(dtype)
     out = impl.adam_features(gd, m, v)
-    g64, m64, v64 = gd.double(), m.double(), v.double()
-    expected = (0.9 * m64 + 0.1 * g64) / torch.sqrt(0.999 * v64 + 0.001 * g64 ** 2 + 1e-8)
+    expected = adam64(gd, m, v)
     assert out.dtype == torch.float32
     assert_close(out, expected, f"adam_features, grad {dtype}")
 
@@ -84,9 +90,7 @@ def test_gradient_features_by_type(impl, grad_type, g, mseed):
     m, v = torch.randn(g.shape[1], generator=gen) * 1e-3, torch.rand(g.shape[1], generator=gen) * 1e-6
     g = g.float()
     out = impl.gradient_features(g, grad_type, (m, v) if grad_type == "adam" else None)
-    g64, m64, v64 = g.double(), m.double(), v.double()
-    expected = {"sgd": g64, "sign": torch.sign(g64),
-                "adam": (0.9 * m64 + 0.1 * g64) / torch.sqrt(0.999 * v64 + 0.001 * g64 ** 2 + 1e-8)}[grad_type]
+    expected = {"sgd": g.double(), "sign": torch.sign(g.double()), "adam": adam64(g, m, v)}[grad_type]
     assert out.dtype == torch.float32 and out.shape == g.shape
     assert_close(out, expected, grad_type)
 
@@ -287,8 +291,19 @@ def test_projection_agrees_with_the_reference(impl, kind):
         assert torch.equal(proj(impl, e, 64, 7, kind, row_offset=o), less_ref.project(e, 64, 7, row_offset=o, kind=kind))
 
 
+def test_reference_matrix_is_the_documented_hash(impl):
+    """The dense matrix of the reference's identity equals the formula written out in this file, at small and
+    huge row indices (a candidate claiming this identity must produce exactly these signs)."""
+    same_matrix_as_reference(impl, "rademacher")
+    for row0, D, k in ((0, 40, 70), (2 ** 40 - 5, 6, 64), (2 ** 33 + 1, 3, 33)):
+        out = proj(impl, torch.eye(D), k, 9, row_offset=row0)
+        assert torch.equal(out.double(), documented_matrix(D, k, 9, row0).float().double()), (row0, D, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("kind", KINDS)
-def test_projection_is_the_same_on_cuda(impl, kind, device):
+def test_projection_is_the_same_on_cuda(impl, kind):
+    device = "cuda"
     x = torch.randn(3, 2000)
     assert_projections_close(proj(impl, x.to(device), 1000, 7, kind).cpu(), proj(impl, x, 1000, 7, kind), x, 1000)
     basis = proj(impl, torch.eye(300, device=device), 200, 7, kind).cpu()
@@ -364,7 +379,9 @@ def test_select_top_descending_ties_by_position(impl, scores, k):
 
 @pytest.mark.parametrize("N,fraction,k", [(10, 0.05, 0), (30, 0.1, 3), (7, 0.5, 3), (100, 0.05, 5), (3, 1.0, 3)])
 def test_select_top_fraction_rounds_down(impl, N, fraction, k):
-    assert len(impl.select_top(torch.arange(N, dtype=torch.float32), fraction=fraction)) == k
+    """k = int(fraction * N) (LESS's rounding), the k best in descending order."""
+    scores = torch.randperm(N, generator=torch.Generator().manual_seed(N)).float()
+    assert impl.select_top(scores, fraction=fraction).tolist() == scores.argsort(descending=True)[:k].tolist()
 
 
 def test_select_top_bad_inputs_are_errors(impl):
@@ -520,7 +537,7 @@ def test_optimizer_file_with_pickled_code_is_refused(impl, tmp_path):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"state": {}, "param_groups": [], "x": Evil()}, tmp_path / "optimizer.pt")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="optimizer.pt"):
         impl.adam_state(_lm(), str(tmp_path / "optimizer.pt"))
     assert not (tmp_path / "pwned").exists(), "loading optimizer state ran pickled code"
 
@@ -528,25 +545,53 @@ def test_optimizer_file_with_pickled_code_is_refused(impl, tmp_path):
 # --- storage: collect, merge, load; ids stay with their rows
 
 
-def _collect(impl, model, ex, out, **kw):
-    args = dict(grad_type="sgd", proj_dim=64, seed=1, checkpoint="ck1", chunk_size=4, batch_size=3, progress=False)
+def _collect(impl, model, ex, out, proj_dim=64, seed=1, kind="rademacher", **kw):
+    args = dict(grad_type="sgd", checkpoint="ck1", chunk_size=4, batch_size=3)
     args.update(kw)
     try:
-        return impl.collect_features(model, ex, str(out), **args)
+        return impl.collect_features(model, ex, str(out), projection=impl.Projection(proj_dim, seed, kind), **args)
     except TypeError as e:
         if "unexpected keyword" in str(e) and any(a in str(e) for a in kw):
             pytest.skip(f"{_module_name(impl)}.collect_features does not support {e}")
         raise
 
 
+def _fmix32(h):
+    h ^= h >> 16
+    h = h * 0x85EBCA6B % 2 ** 32
+    h ^= h >> 13
+    h = h * 0xC2B2AE35 % 2 ** 32
+    return h ^ (h >> 16)
+
+
+def documented_matrix(D, k, seed, row0=0):
+    """Rows [row0, row0 + D) of the reference's dense R / sqrt(k) (float64), from its documented formula in
+    Python integers: sign (i, j) = bit j % 32 of fmix32(fmix32(lo ^ s1) ^ hi ^ s2) (1 -> -1), where the counter
+    i * W + j // 32 = hi * 2^32 + lo, W = ceil(k / 32), s1 = fmix32(seed ^ 0x9E3779B9), s2 = fmix32(seed ^ 0x7F4A7C15)."""
+    s1, s2, W = _fmix32(seed ^ 0x9E3779B9), _fmix32(seed ^ 0x7F4A7C15), (k + 31) // 32
+    words = torch.tensor([_fmix32(_fmix32((c & 0xFFFFFFFF) ^ s1) ^ (c >> 32) ^ s2)
+                          for c in range(row0 * W, (row0 + D) * W)], dtype=torch.int64).reshape(D, W)
+    bits = (words[..., None] >> torch.arange(32)) & 1
+    return (1 - 2 * bits).double().reshape(D, W * 32)[:, :k] / math.sqrt(k)
+
+
+def projection_matrix(impl, D, k, seed):
+    """R / sqrt(k) as the candidate defines it: the documented matrix for the reference's identity, else the
+    candidate's own matrix read off its projection of basis vectors (its JL properties are tested above)."""
+    import less_ref
+
+    mod = impl._module if hasattr(impl, "_module") else impl
+    if getattr(mod, "PROJECTION", less_ref.PROJECTION) == less_ref.PROJECTION:
+        return documented_matrix(D, k, seed)
+    return torch.cat([proj(impl, torch.eye(min(4096, D - o)), k, seed, row_offset=o).double()
+                      for o in range(0, D, 4096)])
+
+
 def expected_features(impl, model, ex, k=64, seed=1, adam=None):
-    """The single-process result computed here: per-example loop gradients, features, projection, rows
-    normalised. (impl.project is tested on its own above.)"""
+    """The single-process result computed here: per-example loop gradients, float64 features, the projection
+    matrix, rows normalised."""
     g = loop_gradients(model, ex)
-    if adam is not None:
-        m, v = adam
-        g = (0.9 * m + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g * g + 1e-8)
-    y = impl.project(g, k, seed).double()
+    y = (adam64(g, *adam) if adam is not None else g.double()) @ projection_matrix(impl, g.shape[1], k, seed)
     return y / y.norm(dim=1, keepdim=True)
 
 
@@ -720,6 +765,57 @@ def test_match_scores_stored_files_and_refuses_incompatible_ones(impl, tmp_path)
             pytest.fail(f"match accepted files whose {what}")
 
 
+# --- the whole method in memory, and DataFlex's dynamic selection
+
+
+def test_in_memory_method_equals_the_stored_pipeline(impl, tmp_path):
+    """less_scores over two checkpoints (weights, Adam moments, eta) equals collect_features per checkpoint +
+    match with the same weights, and both equal the float64 scores computed here."""
+    model, opt, named = _trainer_setup()
+    pool, val = _examples(7), _examples(4, seed=3, prefix="val")
+    ckpts, train_files, val_files, t64, v64 = [], [], [], [], []
+    for c in range(2):
+        if c:  # a second checkpoint: one more step moves weights and moments
+            model(input_ids=torch.tensor([pool[0]["input_ids"]]), labels=torch.tensor([pool[0]["labels"]])).loss.backward()
+            opt.step()
+        torch.save(opt.state_dict(), tmp_path / f"opt{c}.pt")
+        moments = tuple(torch.cat([opt.state[p][k].reshape(-1) for _, p in named]) for k in ("exp_avg", "exp_avg_sq"))
+        ckpts.append(({n: p.detach().clone() for n, p in model.named_parameters()}, moments, [0.7, 0.3][c]))
+        train_files.append(_files(impl, tmp_path, model, f"t{c}", pool, grad_type="adam", checkpoint=f"ck{c}",
+                                  optimizer_state=str(tmp_path / f"opt{c}.pt")))
+        val_files.append(_files(impl, tmp_path, model, f"v{c}", val, checkpoint=f"ck{c}"))
+        t64.append(expected_features(impl, model, pool, adam=moments))
+        v64.append(expected_features(impl, model, val))
+    stored, ids = impl.match(train_files, val_files, [0.7, 0.3], n_subtasks=2)
+    memory = impl.less_scores(model, ckpts, pool, val, impl.Projection(64, 1), n_subtasks=2)
+    assert ids == [e["id"] for e in pool] and memory.dtype == torch.float32
+    assert_close(memory, scores64(t64, v64, [0.7, 0.3], 2), "less_scores")
+    assert_close(stored, scores64(t64, v64, [0.7, 0.3], 2), "collect_features + match")
+
+
+@pytest.mark.parametrize("eps_outside", [True, False])
+def test_select_step_uses_the_live_optimizer_moments(impl, eps_outside):
+    """DataFlex's step: Adam features from the live optimizer (eps outside the root by default), mean cosine
+    with the validation gradients, the n_select best; the model's train/eval mode restored."""
+    model, opt, named = _trainer_setup()
+    pool, val = _examples(12), _examples(3, seed=7, prefix="val")
+    model.train()
+    chosen = impl.select_step(model, opt, pool, val, n_select=4, projection=impl.Projection(256),
+                              eps_outside=eps_outside).tolist()
+    assert model.training, "select_step must restore the model's train mode (dropout stays on in training)"
+    m, v = (torch.cat([opt.state[p][k].reshape(-1) for _, p in named]) for k in ("exp_avg", "exp_avg_sq"))
+    R = projection_matrix(impl, m.numel(), 256, 0)
+    expected = scores64([adam64(loop_gradients(model, pool), m, v, eps_outside) @ R], [loop_gradients(model, val).double() @ R], [1.0], 1)
+    best = expected.argsort(descending=True).tolist()
+    assert len(chosen) == 4 and len(set(chosen)) == 4
+    # the 4 best up to float32 rounding of the scores: every chosen one within 1e-5 of the 4th best or above it
+    assert all(expected[i] >= expected[best[3]] - 1e-5 for i in chosen), (chosen, best[:4])
+    assert all(expected[a] >= expected[b] - 1e-5 for a, b in zip(chosen, chosen[1:])), "not in descending order"
+    model.eval()
+    impl.select_step(model, opt, pool[:3], val, n_select=1, projection=impl.Projection(64))
+    assert not model.training
+
+
 # --- sharded collection under torch.distributed (gloo, on CPU), through impl
 
 
@@ -752,8 +848,8 @@ def _dist_worker(rank, world, init_file, module_name, job, out_dir, n, result_fi
                 model.model.embed_tokens.weight[63] = float("nan")
         if job.startswith("collect"):
             try:
-                mod.collect_features(model, ex, out_dir, grad_type="sgd", proj_dim=64, seed=1, checkpoint="ck1",
-                                     chunk_size=4, batch_size=3, progress=False)
+                mod.collect_features(model, ex, out_dir, grad_type="sgd", projection=mod.Projection(64, 1),
+                                     checkpoint="ck1", chunk_size=4, batch_size=3)
             except ValueError as e:
                 with open(f"{result_file}.{rank}", "w") as f:
                     f.write(str(e))
@@ -761,7 +857,8 @@ def _dist_worker(rank, world, init_file, module_name, job, out_dir, n, result_fi
             opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-2)
             model(input_ids=torch.tensor([ex[0]["input_ids"]]), labels=torch.tensor([ex[0]["labels"]])).loss.backward()
             opt.step()
-            chosen = mod.select_step(model, opt, ex, _examples(3, seed=7, prefix="val"), n_select=4, proj_dim=64)
+            chosen = mod.select_step(model, opt, ex, _examples(3, seed=7, prefix="val"), n_select=4,
+                                     projection=mod.Projection(64))
             with open(f"{result_file}.{rank}", "w") as f:
                 json.dump(chosen.tolist(), f)
     finally:
@@ -813,6 +910,7 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_cause(impl, tmp_path):
 # Part B: reference-only machinery (less_ref itself; deselected when --less-impl names a candidate)
 
 import less_ref as ref  # noqa: E402
+from cli import less as less_cli  # noqa: E402
 
 
 def test_projection_matrix_ignores_block_size_and_is_never_whole():
@@ -849,7 +947,7 @@ def test_loop_and_vmap_gradients_agree():
 def test_trainer_optimizer_matches_trainer_grouping(tmp_path):
     model, opt, named = _trainer_setup()
     order, sizes = ref.trainer_param_order(model)
-    ours = ref.trainer_optimizer(model, lr=1e-2)
+    ours = less_cli.trainer_optimizer(model, lr=1e-2)
     assert [len(g["params"]) for g in ours.param_groups] == sizes == [len(g["params"]) for g in opt.param_groups]
     sd = opt.state_dict()
     sd["param_groups"] = [sd["param_groups"][0]]  # a file from another grouping
@@ -943,7 +1041,7 @@ def test_trainer_state_and_bad_files(tmp_path):
 def test_demo_selects_the_validation_task(tmp_path):
     """The pool is 10% 'copy' (the validation task); the top 5% (20 examples) must hold >= 10 copy examples.
     Seeds 0-3 gave 20, 14, 17, 15; random selection gives 2 on average and >= 10 with probability < 1e-5."""
-    hit, n = ref.demo(str(tmp_path))
+    hit, n = less_cli.demo(str(tmp_path))
     assert n == 20 and hit >= 10, hit
 
 
@@ -955,13 +1053,14 @@ def _fake_rank(monkeypatch, rank, world):
     sync = ref._sync
     monkeypatch.setattr(ref, "_world", lambda: (rank, world))
     monkeypatch.setattr(ref, "_sync", lambda r, w, fn: sync(0, 1, fn))
+    monkeypatch.setattr(ref, "merge_features", lambda out_dir: None)  # merged once every rank has run
 
 
 def _sharded(tmp_path, monkeypatch, ex, world, name="s"):
     model = _lm()
     for rank in range(world):
         _fake_rank(monkeypatch, rank, world)
-        _ref_collect(model, ex, tmp_path / name, merge=False, chunk_size=2)
+        _ref_collect(model, ex, tmp_path / name, chunk_size=2)
     monkeypatch.undo()
     return tmp_path / name
 
@@ -1025,37 +1124,6 @@ def test_dead_rank_then_resume_equals_clean_run(tmp_path):
         _ref_collect(_lm(), ex, tmp_path / "multi")
 
 
-def test_flex_plan():
-    assert ref.flex_plan(10, 5, 3) == ([10, 15, 20], 25)
-    assert ref.flex_plan(0, 1, 1) == ([0], 1)
-    for bad in ((-1, 5, 3), (10, 0, 3), (10, 5, 0), (1.5, 5, 3)):
-        with pytest.raises(ValueError):
-            ref.flex_plan(*bad)
-
-
-@pytest.mark.parametrize("eps_outside", [True, False])
-def test_select_step_uses_the_live_optimizer_moments(eps_outside):
-    model = _train_only(_lm(dropout=0.1), "layers.1")
-    opt = ref.trainer_optimizer(model, lr=1e-2)
-    ex = _examples(1, seed=9)[0]
-    model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss.backward()
-    opt.step()
-    pool, val = _examples(12), _examples(3, seed=7, prefix="val")
-    model.train()
-    chosen = ref.select_step(model, opt, pool, val, n_select=4, proj_dim=256, eps_outside=eps_outside)
-    assert model.training, "select_step must restore the model's train mode (dropout stays on in training)"
-    m, v = ref.adam_state(model, opt)
-    g = loop_gradients(model, pool).double()
-    m, v = m.double(), v.double()
-    m_hat, v_hat = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
-    feats = m_hat / (v_hat.sqrt() + 1e-8) if eps_outside else m_hat / (v_hat + 1e-8).sqrt()
-    expected = ref.influence_scores(ref.project(feats.float(), 256), ref.project(loop_gradients(model, val), 256))
-    assert chosen.tolist() == ref.select_top(expected, k=4).tolist()
-    model.eval()
-    ref.select_step(model, opt, pool[:3], val, n_select=1, proj_dim=64)
-    assert not model.training
-
-
 def test_select_step_is_broadcast_so_ranks_agree(tmp_path):
     result = _spawn(ref, tmp_path, 2, "select", n=9)
     picks = [json.load(open(f"{result}.{r}")) for r in range(2)]
@@ -1064,7 +1132,7 @@ def test_select_step_is_broadcast_so_ranks_agree(tmp_path):
     opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-2)
     model(input_ids=torch.tensor([ex[0]["input_ids"]]), labels=torch.tensor([ex[0]["labels"]])).loss.backward()
     opt.step()
-    single = ref.select_step(model, opt, ex, _examples(3, seed=7, prefix="val"), n_select=4, proj_dim=64)
+    single = ref.select_step(model, opt, ex, _examples(3, seed=7, prefix="val"), n_select=4, projection=ref.Projection(64))
     assert picks[0] == single.tolist()
 
 
@@ -1098,10 +1166,10 @@ def test_encode_truncation_and_bad_records(tmp_path):
     with pytest.raises(ValueError, match="'x'.*prompt"):
         ref.encode_example({"id": "x", "text": "what"}, tok)
     (tmp_path / "d.jsonl").write_text('{"id": "q1", "prompt": "1", "response": "2"}\n\n{"prompt": "3", "response": "4"}\n')
-    assert [r["id"] for r in ref.read_jsonl(tmp_path / "d.jsonl")] == ["q1", "d.jsonl:3"]
+    assert [r["id"] for r in less_cli.read_jsonl(tmp_path / "d.jsonl")] == ["q1", "d.jsonl:3"]
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n[1, 2]\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        ref.read_jsonl(tmp_path / "bad.jsonl")
+        less_cli.read_jsonl(tmp_path / "bad.jsonl")
 
 
 def test_command_line_collect_match_select(tmp_path):
@@ -1121,18 +1189,18 @@ def test_command_line_collect_match_select(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     common = ["--model", str(tmp_path / "m"), "--grad-type", "sgd", "--proj-dim", "64", "--checkpoint", "ck"]
-    ref._cli(["collect", *common, "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "t")])
-    ref._cli(["collect", *common, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "v")])
-    ref._cli(["match", "--train", str(tmp_path / "t" / "features.safetensors"), "--val", str(tmp_path / "v" / "features.safetensors"),
+    less_cli.main(["collect", *common, "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "t")])
+    less_cli.main(["collect", *common, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "v")])
+    less_cli.main(["match", "--train", str(tmp_path / "t" / "features.safetensors"), "--val", str(tmp_path / "v" / "features.safetensors"),
               "--out", str(tmp_path / "scores.jsonl")])
     scores = [json.loads(x) for x in open(tmp_path / "scores.jsonl")]
     assert [s["id"] for s in scores] == [f"add{i}" for i in range(8)] + [f"train.jsonl:{9 + i}" for i in range(6)]
-    ref._cli(["select", "--scores", str(tmp_path / "scores.jsonl"), "--data", str(tmp_path / "train.jsonl"), "--k", "3",
+    less_cli.main(["select", "--scores", str(tmp_path / "scores.jsonl"), "--data", str(tmp_path / "train.jsonl"), "--k", "3",
               "--out", str(tmp_path / "sel.jsonl")])
     chosen = [json.loads(x)["id"] for x in open(tmp_path / "sel.jsonl")]
     assert chosen == [s["id"] for s in sorted(scores, key=lambda s: -s["score"])[:3]]
     assert chosen[0] in ("add0", "add1"), "a validation example scores highest against itself"
     for args in (["--help"], ["collect", "--help"]):
-        assert subprocess.run([sys.executable, "less_ref.py", *args], capture_output=True).returncode == 0
-    bad = subprocess.run([sys.executable, "less_ref.py", "selekt"], capture_output=True, text=True)
+        assert subprocess.run([sys.executable, "cli/less.py", *args], capture_output=True).returncode == 0
+    bad = subprocess.run([sys.executable, "cli/less.py", "selekt"], capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr

@@ -7,6 +7,7 @@ implementation: random draws drop such thresholds, and exact boundaries have the
 values that every implementation computes exactly. Part B tests reference-only machinery (training,
 save/load, generation, transformers integration) on minpp_ref itself.
 """
+import inspect
 import math
 
 import pytest
@@ -33,6 +34,23 @@ def minpp64(p, tau, w):
     p = p.double() / p.double().sum(-1, keepdim=True)
     q = p * c64(p / p.amax(-1, keepdim=True), tau.double(), w.double())
     return q / q.sum(-1, keepdim=True)
+
+
+def sampling_probs64(z, T, top_k=None, top_p=None, min_p=None, minpp=None):
+    """softmax(z / T), then top-k, top-p (the smallest prefix by descending p with mass >= top_p), min-p and
+    MinP+, each renormalised, in float64 (for inputs without ties or boundary values)."""
+    p = torch.softmax(z.double() / T, -1)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if top_k is not None:
+        keep &= p >= p.topk(top_k, -1).values[..., -1:]
+    if top_p is not None:
+        s = torch.sort(p * keep, -1, descending=True).values
+        n_kept = ((s.cumsum(-1) - s) / (p * keep).sum(-1, keepdim=True) < top_p).sum(-1, keepdim=True)
+        keep &= p >= s.gather(-1, n_kept - 1)
+    if min_p is not None:
+        keep &= p >= min_p * (p * keep).amax(-1, keepdim=True)
+    p = p * keep / (p * keep).sum(-1, keepdim=True)
+    return minpp64(p, *minpp) if minpp is not None else p
 
 
 def near_boundary(r, tau):
@@ -325,6 +343,32 @@ def test_loss_is_minus_log_q_of_target(impl, dtype, z, tw, seed, T):
         assert_close(loss.reshape(()), expected, f"minpp_loss, logits {dtype}")  # at the dtype it returns
 
 
+@pytest.mark.parametrize("grid", ["log", "linear", "irregular"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_loss_equals_the_plain_loss(impl, grid, dtype):
+    """minpp_loss (chunked) and minpp_loss_plain (the definition) agree in value and in their gradients w.r.t.
+    the logits and the weights, on every kind of grid, with ignored rows and chunks smaller than N."""
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(37, 300, generator=g) * 3).to(dtype)
+    target = torch.randint(0, 300, (37,), generator=g)
+    target[::5] = -100
+    tau = {"log": _grid("log"), "linear": _grid("linear"), "irregular": torch.tensor([0.0, 0.01, 0.02, 0.3, 0.31])}[grid]
+    w0 = torch.rand(tau.numel(), generator=g) + 0.1
+    out = []
+    for loss_fn in (impl.minpp_loss_plain, impl.minpp_loss):
+        zz, w = z.clone().requires_grad_(), w0.clone().requires_grad_()
+        kw = {"chunk_rows": 8} if loss_fn is impl.minpp_loss and "chunk_rows" in inspect.signature(loss_fn).parameters else {}
+        loss = loss_fn(zz, target, tau, w, **kw)
+        loss.backward()
+        out.append((loss.detach().double(), zz.grad.double(), w.grad.double()))
+    (lp, gzp, gwp), (lf, gzf, gwf) = out
+    torch.testing.assert_close(lf, lp, rtol=2e-5, atol=1e-6)
+    # gradients w.r.t. low-precision logits come back in that dtype: one rounding step apart at most
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["rtol"] / 37)
+    torch.testing.assert_close(gzf, gzp, **tol)
+    torch.testing.assert_close(gwf, gwp, rtol=1e-4, atol=1e-6)
+
+
 def test_loss_is_inf_not_nan_where_target_has_c_zero(impl):
     z = torch.tensor([[3.0, 0.0, -4.0], [0.0, 1.0, 2.0]])
     tau, w = torch.tensor([0.5]), torch.ones(1)  # token 2 of row 0 has r = e^-7 < 0.5: c = 0
@@ -355,6 +399,21 @@ def test_loss_with_no_scored_target_is_error_not_nan(impl):
         impl.minpp_loss(torch.randn(2, 5), torch.tensor([-100, -100]), torch.tensor([0.0]), torch.ones(1))
 
 
+def loss_grads64(z64, target, tau, w):
+    """The mean loss's gradients in float64 (z64 at the temperature, -inf allowed): dL/dz_n = (q_n - onehot(t_n)) / N
+    and dL/dw_k = mean_n [ -1[tau_k <= r_t] / c_t + sum_j p_j 1[tau_k <= r_j] / sum_j p_j c_j ]; and the size of
+    the two terms of dL/dw that cancel (w is scale invariant), mean 1 / c_t, for an absolute tolerance."""
+    N = z64.shape[0]
+    p, r = torch.softmax(z64, -1), torch.exp(z64 - z64.amax(-1, keepdim=True))
+    passed = (tau.double()[None, None, :] <= r[..., None]).double()  # (N, V, K)
+    c = (passed * w.detach().double()).sum(-1)  # (N, V)
+    rows = torch.arange(N)
+    gw = (-passed[rows, target] / c[rows, target, None] + (p[..., None] * passed).sum(1) / (p * c).sum(1, keepdim=True)).mean(0)
+    q = p * c / (p * c).sum(-1, keepdim=True)
+    gz = (q - torch.nn.functional.one_hot(target, z64.shape[1]).double()) / N
+    return gz, gw, (1 / c[rows, target]).mean().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @given(z=logits(max_rows=5), tw=thresholds(zero=True), seed=st.integers(0, 2 ** 31 - 1))
 def test_loss_gradients_wrt_logits_and_weights(impl, dtype, z, tw, seed):
@@ -369,15 +428,8 @@ def test_loss_gradients_wrt_logits_and_weights(impl, dtype, z, tw, seed):
     target = torch.randint(0, z.shape[1], (z.shape[0],), generator=torch.Generator().manual_seed(seed))
     impl.minpp_loss(zd, target, tau, w).backward()
     N = z.shape[0]
-    p = torch.softmax(z64, -1)
-    passed = (tau.double()[None, None, :] <= r[..., None]).double()  # (N, V, K)
-    c = (passed * w.detach().double()).sum(-1)  # (N, V)
-    rows = torch.arange(N)
-    grad = -passed[rows, target] / c[rows, target, None] + (p[..., None] * passed).sum(1) / (p * c).sum(1, keepdim=True)
-    scale = (1 / c[rows, target]).mean().item()  # size of the two terms that cancel (scale invariance)
-    torch.testing.assert_close(w.grad.double(), grad.mean(0), rtol=1e-4, atol=1e-5 * scale)  # w is float32
-    q = p * c / (p * c).sum(-1, keepdim=True)
-    gz = (q - torch.nn.functional.one_hot(target, z.shape[1]).double()) / N
+    gz, gw, scale = loss_grads64(z64, target, tau, w)
+    torch.testing.assert_close(w.grad.double(), gw, rtol=1e-4, atol=1e-5 * scale)  # w is float32
     assert zd.grad.dtype == dtype, "the gradient w.r.t. the logits comes in the logits' dtype"
     torch.testing.assert_close(zd.grad.double(), gz, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["rtol"] / N)
 
@@ -409,15 +461,8 @@ def test_loss_on_evenly_spaced_grids(impl, grid, dtype):
     loss = impl.minpp_loss(zd, target, tau, w)
     loss.backward()
     assert_close(loss.reshape(()), loss64(z64, target, tau, w.detach()), f"loss, {grid} grid, {dtype}")
-    p = torch.softmax(z64, -1)
-    rr = torch.exp(z64 - z64.amax(-1, keepdim=True))
-    passed = (tau.double()[None, None, :] <= rr[..., None]).double()
-    c = (passed * w.detach().double()).sum(-1)
-    rows = torch.arange(48)
-    gw = (-passed[rows, target] / c[rows, target, None] + (p[..., None] * passed).sum(1) / (p * c).sum(1, keepdim=True)).mean(0)
-    torch.testing.assert_close(w.grad.double(), gw, rtol=1e-4, atol=1e-5 * (1 / c[rows, target]).mean().item())
-    q = p * c / (p * c).sum(-1, keepdim=True)
-    gz = (q - torch.nn.functional.one_hot(target, 4000).double()) / 48
+    gz, gw, scale = loss_grads64(z64, target, tau, w)
+    torch.testing.assert_close(w.grad.double(), gw, rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(zd.grad.double(), gz, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["rtol"] / 48)
 
 
@@ -502,10 +547,11 @@ def test_bad_temperature_is_error(impl, T):
 @pytest.mark.parametrize("filters", [{}, {"top_k": 3}, {"top_p": 0.8}, {"min_p": 0.2},
                                      {"minpp": (torch.tensor([0.0, 0.1, 0.5]), torch.tensor([0.2, 1.0, 2.0]))}])
 def test_draws_follow_the_distribution(impl, filters):
-    """20k draws: every draw inside the mask; total-variation distance to q below 0.03 (3x its
-    expected value ~ sqrt(V / (2 pi n)) for V = 12)."""
+    """20k draws: every draw inside the mask of q (computed here in float64); total-variation distance to q
+    below 0.03 (3x its expected value ~ sqrt(V / (2 pi n)) for V = 12)."""
     z = torch.randn(1, 12, generator=torch.Generator().manual_seed(1)) * 2
-    q = impl.next_token_probs(z, temperature=0.8, **filters)[0].double()
+    q = sampling_probs64(z, 0.8, **filters)[0]
+    assert_close(impl.next_token_probs(z, temperature=0.8, **filters)[0], q, "the sampling distribution")
     g = torch.Generator().manual_seed(2)
     draws = torch.stack([impl.next_token(z, do_sample=True, generator=g, temperature=0.8, **filters) for _ in range(2000)])
     draws = torch.cat([draws.reshape(-1)] + [impl.next_token(z.expand(100, -1), generator=g, temperature=0.8, **filters)
@@ -734,12 +780,13 @@ def test_bad_generate_arguments_are_errors(impl, tiny_lm, kw):
 # Part B: reference-only machinery (minpp_ref itself)
 
 import minpp_ref as ref  # noqa: E402
+from cli import minpp as minpp_cli  # noqa: E402
 
 
 def _minp_data(n=4000, V=50, p_base=0.1, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, V, generator=g) * 2.5
-    return z, ref.minp_targets(z, p_base, g)
+    return z, minpp_cli.minp_targets(z, p_base, g)
 
 
 def test_head_learns_min_p_threshold():
@@ -865,7 +912,7 @@ def test_logits_processor_matches_min_p_warper_inside_generate(tiny_lm):
     ("#### $12", "#### 12", True), ("#### -3.50", "#### -3.5", True), ("#### 8", "#### 9", False),
     ("no answer", "#### 9", False), ("#### 1 then #### 2", "#### 2", True)])
 def test_gsm8k_numeric_comparison(pred, gold, same):
-    assert ref.answers_match(pred, gold) is same
+    assert minpp_cli.answers_match(pred, gold) is same
 
 
 def test_chunked_loss_errors_name_the_global_row():
@@ -877,6 +924,25 @@ def test_chunked_loss_errors_name_the_global_row():
     z[45] = float("-inf")
     with pytest.raises(ValueError, match=r"row \[45\]"):
         ref.minpp_loss(z, torch.zeros(64, dtype=torch.long), torch.tensor([0.0]), torch.ones(1), chunk_rows=8)
+
+
+def test_thresholds_are_checked_once_per_call_not_per_token(tiny_lm, monkeypatch):
+    """generate and train_head check (tau, w) once per call (a per-token check copies them to the host: a
+    device sync every token on a GPU); the processor checks at construction only."""
+    calls, real = [], ref.check_thresholds
+    monkeypatch.setattr(ref, "check_thresholds", lambda *a: (calls.append(1), real(*a))[1])
+    tau, w = torch.tensor([0.0, 0.1, 0.5]), torch.tensor([0.2, 1.0, 2.0])
+    out = ref.generate(tiny_lm, torch.tensor([[1, 2, 3]]), 6, method="minpp", minpp=(tau, w))
+    assert len(out[0]) == 6 and len(calls) == 1, len(calls)
+    calls.clear()
+    z, t = _minp_data(n=64, V=20)
+    ref.train_head(ref.MinPPlusHead(K=4), z, t, steps=5)
+    assert len(calls) == 1, len(calls)
+    proc = ref.minpp_logits_processor(tau, w)
+    calls.clear()
+    for _ in range(3):
+        proc(None, torch.randn(2, 40))
+    assert not calls, len(calls)
 
 
 def test_head_file_with_mismatched_shapes_is_refused(tmp_path):
@@ -946,7 +1012,7 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
     rows = [{"prompt": f"what is {i} + {i % 3} ?", "answer": f"{i + i % 3} #### {i + i % 3}"} for i in range(5)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = str(tmp_path / "m")
-    ref._cli(["train", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--K", "8", "--steps", "20",
+    minpp_cli.main(["train", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--K", "8", "--steps", "20",
               "--out", str(tmp_path / "head.safetensors")])
     head = ref.MinPPlusHead.load(tmp_path / "head.safetensors")
     assert head.tau.numel() == 8 and (tmp_path / "head.jsonl").exists()
@@ -960,15 +1026,24 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
             outs.append(tok(f"#### {a + b if a % 2 == 0 else 9}", add_special_tokens=False)["input_ids"])
         return outs
 
-    monkeypatch.setattr(ref, "generate", stub)
-    table = ref._cli(["eval", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--head", str(tmp_path / "head.safetensors"),
+    monkeypatch.setattr(minpp_cli, "generate", stub)
+    table = minpp_cli.main(["eval", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--head", str(tmp_path / "head.safetensors"),
                       "--samplers", "greedy,top_p=0.9,minpp", "--temperatures", "0.7,1.5", "--batch-size", "2", "--n-samples", "3"])
     expected = 3 / 5  # rows 0, 2, 4 (golds 0, 4, 5; none of them 9)
     assert table == {("greedy", 0.7): expected, ("top_p=0.9", 0.7): expected, ("top_p=0.9", 1.5): expected,
                      ("minpp", 0.7): expected, ("minpp", 1.5): expected}
     monkeypatch.undo()
-    ref._cli(["generate", "--model", m, "--prompt", "what is 1 + 1 ?", "--max-new-tokens", "4"])  # runs end to end
+    capsys.readouterr()
+    minpp_cli.main(["generate", "--model", m, "--prompt", "what is 1 + 1 ?", "--max-new-tokens", "4"])
+    model = LlamaForCausalLM.from_pretrained(m).eval()  # greedy by hand: argmax, no cache, stop after eos
+    ids = tok(minpp_cli._prompt_text(tok, "what is 1 + 1 ?"), add_special_tokens=False, return_tensors="pt").input_ids
+    new = []
+    for _ in range(4):
+        new.append(int(model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax()))
+        if new[-1] == tok.eos_token_id:
+            break
+    assert capsys.readouterr().out.strip() == tok.decode(new, skip_special_tokens=True).strip()
     for args in (["--help"], ["eval", "--help"]):
-        assert subprocess.run([sys.executable, "minpp_ref.py", *args], capture_output=True).returncode == 0
-    bad = subprocess.run([sys.executable, "minpp_ref.py", "trian"], capture_output=True, text=True)
+        assert subprocess.run([sys.executable, "cli/minpp.py", *args], capture_output=True).returncode == 0
+    bad = subprocess.run([sys.executable, "cli/minpp.py", "trian"], capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import less_ref  # noqa: E402
 import minpp_ref  # noqa: E402
+from cli import less as less_cli  # noqa: E402
 
 ROWS = []
 
@@ -307,8 +308,8 @@ def _gradients(smoke):
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
     g = torch.Generator().manual_seed(0)
     n = 40 if smoke else 400
-    pool = less_ref._task_examples("copy", n // 10, g, 0) + less_ref._task_examples("reverse", n - n // 10, g, 0)
-    val = less_ref._task_examples("copy", 8, g, 1000)
+    pool = less_cli._task_examples("copy", n // 10, g, 0) + less_cli._task_examples("reverse", n - n // 10, g, 0)
+    val = less_cli._task_examples("copy", 8, g, 1000)
     for name, p in model.named_parameters():
         p.requires_grad_("q_proj" in name or "v_proj" in name)
     grads = lambda ex: torch.cat([less_ref.example_gradients(model, ex[b:b + 32]) for b in range(0, len(ex), 32)])
@@ -364,7 +365,7 @@ def _features_peak(which, B, D):
     if which == "whole":
         fn = lambda: less_ref.project(less_ref.gradient_features(g, "adam", (m, v)), 8192, kind="sjlt")  # noqa: E731
     else:
-        fn = lambda: less_ref.projected_features(g, "adam", (m, v), 8192, kind="sjlt")  # noqa: E731
+        fn = lambda: less_ref.projected_features(g, "adam", (m, v), less_ref.Projection(8192, kind="sjlt"))  # noqa: E731
     return peak_memory(fn, "cpu")
 
 

