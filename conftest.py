@@ -5,6 +5,12 @@
   the tests that need it, with a reason naming it; the run's summary lists what was not provided and how
   many tests reached the candidate. When a candidate is named, the tests of that file that do not use
   `impl` (reference-only internals) are deselected: the run spends its time on the candidate.
+- Two tiers. Core (unmarked): what every correct implementation must do -- values, gradients, orderings,
+  invariances, exact boundaries on exactly representable inputs, the storage contract, refusals that protect
+  correctness. Policy (@pytest.mark.policy): this project's own promises -- bad inputs refused with a message
+  naming the culprit, exact error types, robustness beyond what the original code handles. Every run prints
+  both verdicts per implementation; a candidate's verdict is the core tier: its policy failures are reported
+  as xfail (not required for conformance) unless --policy makes them count. The reference must pass both.
 - Hypothesis profiles: "ci" (default, fast) and "thorough" (--hypothesis-profile thorough, or
   HYPOTHESIS_PROFILE=thorough).
 - TOL: one per-dtype tolerance table. `device`: cpu, plus cuda where present (skipped cleanly elsewhere).
@@ -32,6 +38,7 @@ TOL = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
 }
 
+REFUSED = (TypeError, ValueError)  # a bad input: TypeError for a wrong type, ValueError for a wrong value
 _MODULES = {"minpp": ("minpp_ref", "MINPP_IMPL"), "less": ("less_ref", "LESS_IMPL")}
 _NOT_PROVIDED = {}
 
@@ -39,12 +46,16 @@ _NOT_PROVIDED = {}
 def pytest_configure(config):
     # torch.func has no batching rule for CPU SDPA yet; the fallback is correct, only slower
     config.addinivalue_line("filterwarnings", "ignore:There is a performance drop:UserWarning")
+    config.addinivalue_line("markers", "policy: this project's own promise (messages, error types, extreme "
+                                       "ranges), not a condition for a correct implementation")
 
 
 def pytest_addoption(parser):
     for kind, (ref, env) in _MODULES.items():
         parser.addoption(f"--{kind}-impl", default=os.environ.get(env, ref),
                          help=f"importable module to test in place of {ref} (or set {env})")
+    parser.addoption("--policy", action="store_true",
+                     help="a candidate's policy-tier failures fail the run too (by default only the core tier does)")
 
 
 _PROBES = {"execute_example", "setup_example", "teardown_example"}
@@ -98,7 +109,8 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-_REACHED = {}
+_REACHED = {}  # {kind: {"core" / "policy": {"passed": n, "failed": n}}}
+_POLICY_FAILED = {}  # {kind: [test ids]}
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -107,7 +119,13 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.when == "call" and "impl" in item.fixturenames and rep.outcome in ("passed", "failed"):
         kind = getattr(item.module, "IMPL_KIND", None)
-        _REACHED.setdefault(kind, {"passed": 0, "failed": 0})[rep.outcome] += 1
+        tier = "policy" if item.get_closest_marker("policy") else "core"
+        counts = _REACHED.setdefault(kind, {t: {"passed": 0, "failed": 0} for t in ("core", "policy")})
+        counts[tier][rep.outcome] += 1
+        if tier == "policy" and rep.failed:
+            _POLICY_FAILED.setdefault(kind, []).append(item.nodeid)
+            if kind in _candidates(item.config) and not item.config.getoption("--policy"):
+                rep.outcome, rep.wasxfail = "skipped", "policy tier: not required for conformance (--policy counts it)"
 
 
 def pytest_report_header(config):
@@ -116,10 +134,15 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    for kind, counts in sorted(_REACHED.items()):
+    for kind, tiers in sorted(_REACHED.items()):
         name = config.getoption(f"--{kind}-impl")
-        terminalreporter.write_line(f"{name}: {counts['passed'] + counts['failed']} tests reached it "
-                                    f"({counts['passed']} passed, {counts['failed']} failed)")
+        core, policy = tiers["core"], tiers["policy"]
+        counted = kind not in _candidates(config) or config.getoption("--policy")
+        terminalreporter.write_line(
+            f"{name}: core {core['passed']} passed, {core['failed']} failed; policy {policy['passed']} passed, "
+            f"{policy['failed']} failed{'' if counted or not policy['failed'] else ' (not required for conformance; --policy counts them)'}")
+        for nodeid in _POLICY_FAILED.get(kind, [])[:20]:
+            terminalreporter.write_line(f"  policy failed: {nodeid}")
     for name, attrs in sorted(_NOT_PROVIDED.items()):
         terminalreporter.write_line(f"{name}: not provided (tests skipped): {', '.join(sorted(attrs))}")
 

@@ -514,7 +514,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         prefix = prefix_weights(w)
         want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
-        g_prefix = torch.zeros_like(prefix)
+        g_prefix = torch.zeros_like(prefix, dtype=torch.float64)  # K + 1 sums of up to N V terms: float64
         ws = _MinPPCrossEntropy._workspace(logits[:ctx.chunk_rows]) if want_z and any(
             k[0] == "dense" for *_, k in ctx.stats) else None
         for (m, S, d_t, keep), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
@@ -523,12 +523,12 @@ class _MinPPCrossEntropy(torch.autograd.Function):
             scale = g_row / S
             if want_w:
                 b_t = torch.bucketize(d_t, log_tau, right=True)
-                g_prefix.index_add_(0, b_t, -g_row / prefix[b_t])
+                g_prefix.index_add_(0, b_t, (-g_row / prefix[b_t]).double())
             g = grad_z[s:s + ctx.chunk_rows] if want_z else None
             if keep[0] == "dense":
                 _, hist, fix = keep
                 if want_w:
-                    g_prefix += scale @ hist
+                    g_prefix += scale.double() @ hist.double()
                 if want_z:  # g = e c scale, c from the buckets recomputed (the near ones as in forward)
                     j, _ = _MinPPCrossEntropy._dense(z, m, log_tau, ctx.grid, g, ws, fix)
                     c = torch.index_select(prefix, 0, j.view(-1), out=ws["u"][:z.shape[0]].view(-1))
@@ -537,8 +537,8 @@ class _MinPPCrossEntropy(torch.autograd.Function):
                 _, e_sum, above = keep
                 n0, pos, rows, e_pos, bucket = above or _MinPPCrossEntropy._above(z, m, log_tau)
                 if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
-                    g_prefix[n0] += (e_sum * scale).sum() - (e_pos * scale[rows]).sum()
-                    g_prefix.index_add_(0, bucket, e_pos * scale[rows])
+                    g_prefix[n0] += (e_sum * scale).double().sum() - (e_pos * scale[rows]).double().sum()
+                    g_prefix.index_add_(0, bucket, (e_pos * scale[rows]).double())
                 if want_z:  # q - onehot, scaled, in place in grad_z
                     torch.sub(z, m, out=g).exp_().mul_((prefix[n0] * scale)[:, None])
                     g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - prefix[n0]) * scale[rows])

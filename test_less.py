@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from conftest import TOL, word_tokenizer
+from conftest import REFUSED, TOL, word_tokenizer
 
 IMPL_KIND = "less"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -95,10 +95,11 @@ def test_gradient_features_by_type(impl, grad_type, g, mseed):
     assert_close(out, expected, grad_type)
 
 
+@pytest.mark.policy
 def test_adam_gradient_type_without_optimizer_state_is_error(impl):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="optimizer state|exp_avg"):
         impl.gradient_features(torch.randn(2, 4), "adam", None)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="adagrad"):
         impl.gradient_features(torch.randn(2, 4), "adagrad")
 
 
@@ -120,8 +121,9 @@ def proj(impl, x, k, seed=0, kind="rademacher", row_offset=0):
     try:
         return impl.project(x, k, seed, **kw)
     except (TypeError, NotImplementedError) as e:
-        if kw and (isinstance(e, NotImplementedError) or "argument" in str(e)):
-            pytest.skip(f"{impl.name}.project does not support {', '.join(f'{a}={v!r}' for a, v in kw.items())}: {e}")
+        if isinstance(e, NotImplementedError) or (kw and "argument" in str(e)):
+            what = ", ".join(f"{a}={v!r}" for a, v in kw.items()) or f"kind={kind!r}"
+            pytest.skip(f"{impl.name}.project does not support {what}: {e}")
         raise
 
 
@@ -224,6 +226,49 @@ def test_sjlt_rows_are_sparse_signs(impl):
     assert abs(frac - 0.5) < 6 * 0.5 / math.sqrt(int((out != 0).sum()))
 
 
+@pytest.mark.parametrize("k", [1023, 1030])
+def test_sjlt_with_k_not_a_multiple_of_s_uses_every_column(impl, k):
+    """k not divisible by s (4 here for the reference): every output column still receives rows (8000 rows,
+    ~30 per column; a construction that drops the last k mod s columns leaves them empty), E |R_i|^2 = 1."""
+    out = proj(impl, torch.eye(8000), k, seed=2, kind="sjlt").double()
+    assert out.shape == (8000, k)
+    empty = (out == 0).all(0).nonzero()[:, 0].tolist()
+    assert not empty, f"columns {empty[:8]} receive no row"
+    assert abs((out ** 2).sum(1).mean().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_input_projects_like_its_rows(impl, kind):
+    """A 1M-coordinate sparse input (more rows than any one generated block) projects to the sum of its rows'
+    projections, each row read with row_offset: whatever blocks the candidate generates R in."""
+    D = 2 ** 20 + 3
+    idx = [0, 1, 4095, 4096, 65537, 2 ** 19 + 7, D - 1]
+    x = torch.zeros(2, D)
+    x[0, idx] = torch.arange(1.0, 8.0)
+    x[1, idx[-1]] = -2.0
+    rows = torch.cat([proj(impl, torch.ones(1, 1), 96, 3, kind, row_offset=i) for i in idx]).double()  # (7, k)
+    expected = x[:, idx].double() @ rows
+    assert_projections_close(proj(impl, x, 96, 3, kind), expected, x, 96)
+
+
+@pytest.mark.parametrize("grad_type", ["adam", "sgd"])
+def test_features_of_gradients_longer_than_one_slice(impl, grad_type):
+    """projected_features with slices of 1000 coordinates over a 4500-long gradient (a 7B model's gradient is
+    many slices long): the projection of the whole feature vector, Adam moments sliced with it."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(3, 4500, generator=gen)
+    m, v = torch.randn(4500, generator=gen) * 1e-3, torch.rand(4500, generator=gen) * 1e-6
+    adam = (m, v) if grad_type == "adam" else None
+    try:
+        out = impl.projected_features(g, grad_type, adam, impl.Projection(64, 2), slice_cols=1000)
+    except TypeError as e:
+        pytest.skip(f"{impl.name}.projected_features does not take slice_cols: {e}")
+    feats = adam64(g, m, v) if adam else g.double()
+    expected = feats @ projection_matrix(impl, 4500, 64, 2)
+    assert out.dtype == torch.float32
+    assert_projections_close(out, expected, feats, 64)
+
+
 def test_projection_rows_are_nearly_orthogonal(impl):
     """R R^T / k ~ I: off-diagonal entries within 6 standard deviations (1 / sqrt(k))."""
     k = 1024
@@ -310,13 +355,24 @@ def test_projection_is_the_same_on_cuda(impl, kind):
     assert torch.equal(basis, proj(impl, torch.eye(300), 200, 7, kind)), "the matrix must be bit-identical across devices"
 
 
+@pytest.mark.policy
 @pytest.mark.parametrize("bad", [{"proj_dim": 0}, {"proj_dim": 2.5}, {"seed": -1}, {"kind": "gaussian"},
-                                 {"row_offset": -3}, {"row_offset": 1.5}])
+                                 {"row_offset": -3}, {"row_offset": 1.5}, {"block_rows": -5}])
 def test_bad_projection_arguments_are_errors(impl, bad):
-    args = dict(x=torch.randn(2, 10), proj_dim=16, seed=0)
+    """A bad argument is refused (TypeError for a wrong type, ValueError for a wrong value), never a silent
+    result; an optional argument the candidate does not take is a skip."""
+    args = dict(proj_dim=16, seed=0)
     args.update(bad)
-    with pytest.raises(ValueError):
-        impl.project(args.pop("x"), args.pop("proj_dim"), **args)
+    x = torch.randn(2, 10)
+    try:
+        impl.project(x, args.pop("proj_dim"), **args)
+    except NotImplementedError as e:
+        pytest.skip(f"{impl.name}.project: {e}")
+    except REFUSED as e:
+        if isinstance(e, TypeError) and "unexpected keyword" in str(e):
+            pytest.skip(f"{impl.name}.project does not take {list(args)}: {e}")
+        return
+    pytest.fail(f"project accepted {bad}")
 
 
 # --- influence scores
@@ -344,9 +400,7 @@ def test_influence_mean_then_max_over_subtasks(impl, dtype, n_ckpt, n_sub, per, 
     assert_close(out, scores64(train, val, eta[:n_ckpt] if n_ckpt > 1 else [1.0], n_sub), f"inputs {dtype}")
 
 
-@given(seed=st.integers(0, 2 ** 31 - 1), c=st.floats(1e-3, 1e3), big=st.sampled_from([1.0, 1e20, 1e-30]))
-def test_influence_invariant_to_row_scale_and_weight_scale(impl, seed, c, big):
-    """Rows scaled by any positive factor (also 1e20 / 1e-30: norms that over/underflow float32) score the same."""
+def check_scale_invariance(impl, seed, c, big):
     gen = torch.Generator().manual_seed(seed)
     t, v = [torch.randn(6, 16, generator=gen) for _ in range(2)], [torch.randn(4, 16, generator=gen) for _ in range(2)]
     base = impl.influence_scores(t, v, [1.0, 3.0], 2)
@@ -354,6 +408,21 @@ def test_influence_invariant_to_row_scale_and_weight_scale(impl, seed, c, big):
     assert_close(impl.influence_scores([x * row_scale for x in t], [y * c for y in v], [c, 3 * c], 2), base)
 
 
+@given(seed=st.integers(0, 2 ** 31 - 1), c=st.floats(1e-3, 1e3))
+def test_influence_invariant_to_row_scale_and_weight_scale(impl, seed, c):
+    """Rows scaled by any positive factor (0.01 to 10) and checkpoint weights by any factor score the same."""
+    check_scale_invariance(impl, seed, c, 1.0)
+
+
+@pytest.mark.policy
+@given(seed=st.integers(0, 2 ** 31 - 1), c=st.floats(1e-3, 1e3), big=st.sampled_from([1e20, 1e-30]))
+def test_influence_of_rows_whose_norms_overflow_float32(impl, seed, c, big):
+    """Rows of 1e20 or 1e-30 entries (their float32 norms over/underflow) score like the same rows at scale 1:
+    beyond the original code, whose plain float32 F.normalize gives 0 there."""
+    check_scale_invariance(impl, seed, c, big)
+
+
+@pytest.mark.policy
 def test_influence_bad_inputs_are_errors(impl):
     t, v = torch.randn(4, 8), torch.randn(6, 8)
     for bad in (lambda: impl.influence_scores(t, v, n_subtasks=4),  # 6 val examples do not split into 4 subtasks
@@ -362,19 +431,32 @@ def test_influence_bad_inputs_are_errors(impl):
                 lambda: impl.influence_scores(t, v[:0]),  # an empty validation side: the mean of nothing
                 lambda: impl.influence_scores(t[:0], v),
                 lambda: impl.influence_scores(t, v, n_subtasks=2.0)):
-        with pytest.raises(ValueError):
+        with pytest.raises(REFUSED):
             bad()
 
 
 # --- selection
 
 
-@given(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, 3.25]), min_size=1, max_size=40), k=st.integers(0, 40))
-def test_select_top_descending_ties_by_position(impl, scores, k):
+SCORES = dict(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, 3.25]), min_size=1, max_size=40), k=st.integers(0, 40))
+
+
+@given(**SCORES)
+def test_select_top_is_the_k_best_in_descending_order(impl, scores, k):
+    """k distinct indices whose scores are the k largest, in non-increasing order (any order among ties)."""
     k = min(k, len(scores))
     idx = impl.select_top(torch.tensor(scores), k=k).tolist()
-    expected = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
-    assert idx == expected
+    assert len(idx) == len(set(idx)) == k
+    assert [scores[i] for i in idx] == sorted(scores, reverse=True)[:k]
+
+
+@pytest.mark.policy
+@given(**SCORES)
+def test_select_top_breaks_ties_by_position(impl, scores, k):
+    """Ties go to the earlier position: a deterministic order the original's unstable sort does not promise."""
+    k = min(k, len(scores))
+    idx = impl.select_top(torch.tensor(scores), k=k).tolist()
+    assert idx == sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 
 
 @pytest.mark.parametrize("N,fraction,k", [(10, 0.05, 0), (30, 0.1, 3), (7, 0.5, 3), (100, 0.05, 5), (3, 1.0, 3)])
@@ -384,10 +466,11 @@ def test_select_top_fraction_rounds_down(impl, N, fraction, k):
     assert impl.select_top(scores, fraction=fraction).tolist() == scores.argsort(descending=True)[:k].tolist()
 
 
+@pytest.mark.policy
 def test_select_top_bad_inputs_are_errors(impl):
     for kw in ({"scores": torch.tensor([0.1, float("nan"), 0.3]), "k": 2}, {"scores": torch.rand(3, 2), "k": 1},
                {"scores": torch.rand(5), "k": 2.0}, {"scores": torch.rand(5), "k": 6}, {"scores": torch.rand(5)}):
-        with pytest.raises(ValueError):
+        with pytest.raises(REFUSED):
             impl.select_top(**kw)
 
 
@@ -462,10 +545,19 @@ def test_example_gradients_of_a_bf16_model(impl):
     assert (cos > 0.99).all() and ((ratio - 1).abs() < 0.05).all(), (cos, ratio)
 
 
+def test_a_label_at_the_first_position_is_never_scored(impl):
+    """Position 0 predicts nothing (the causal shift): a label there changes no gradient."""
+    model = _train_only(_lm(), "q_proj,v_proj")
+    ex = _examples(3)
+    with_first = [dict(e, id=e["id"] + "-first", labels=[e["input_ids"][0]] + e["labels"][1:]) for e in ex]
+    torch.testing.assert_close(impl.example_gradients(model, with_first), loop_gradients(model, ex), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("field,value,culprit", [
     ("input_ids", [1, 2, 84.7, 3, 4, 5, 6], "84.7"), ("input_ids", [1, 2, 64, 3, 4, 5, 6], "64"),
     ("input_ids", [1, 2, -1, 3, 4, 5, 6], "-1"), ("labels", [-100, -100, -100, 3, 64, 5, 6], "64"),
     ("labels", [-100, -100, -100, 3, -5, 5, 6], "-5"), ("input_ids", [[1, 2, 3, 4, 5, 6, 7]], "shape")])
+@pytest.mark.policy
 def test_bad_token_ids_are_errors_naming_the_sample(impl, field, value, culprit):
     """Float, out-of-vocabulary or negative token ids and out-of-range labels: a ValueError naming the sample
     id, never a silent truncation or a raw IndexError."""
@@ -511,6 +603,7 @@ def test_optimizer_state_from_all_three_sources(impl, tmp_path):
         assert torch.equal(m.float(), expected_m) and torch.equal(v.float(), expected_v), source
 
 
+@pytest.mark.policy
 def test_optimizer_state_errors_name_the_parameter(impl, tmp_path):
     model, opt, named = _trainer_setup()
     state = {n: dict(opt.state[p]) for n, p in named}
@@ -531,25 +624,39 @@ def test_optimizer_state_errors_name_the_parameter(impl, tmp_path):
         impl.adam_state(model, str(tmp_path / "x.safetensors"))
 
 
-def test_optimizer_file_with_pickled_code_is_refused(impl, tmp_path):
+def _evil_optimizer_file(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"state": {}, "param_groups": [], "x": Evil()}, tmp_path / "optimizer.pt")
-    with pytest.raises(ValueError, match="optimizer.pt"):
-        impl.adam_state(_lm(), str(tmp_path / "optimizer.pt"))
+    return str(tmp_path / "optimizer.pt")
+
+
+def test_optimizer_file_with_pickled_code_does_not_run_it(impl, tmp_path):
+    """A file whose pickle runs a command: the command never runs (whatever error the loader gives)."""
+    path = _evil_optimizer_file(tmp_path)
+    try:
+        impl.adam_state(_lm(), path)
+    except Exception:  # noqa: BLE001 -- which error is policy; that no code ran is the point
+        pass
     assert not (tmp_path / "pwned").exists(), "loading optimizer state ran pickled code"
+
+
+@pytest.mark.policy
+def test_optimizer_file_with_pickled_code_is_refused_naming_it(impl, tmp_path):
+    with pytest.raises(ValueError, match="optimizer.pt"):
+        impl.adam_state(_lm(), _evil_optimizer_file(tmp_path))
 
 
 # --- storage: collect, merge, load; ids stay with their rows
 
 
-def _collect(impl, model, ex, out, proj_dim=64, seed=1, kind="rademacher", **kw):
+def _collect(impl, model, ex, out, proj_dim=64, seed=1, kind="rademacher", s=4, **kw):
     args = dict(grad_type="sgd", checkpoint="ck1", chunk_size=4, batch_size=3)
     args.update(kw)
     try:
-        return impl.collect_features(model, ex, str(out), projection=impl.Projection(proj_dim, seed, kind), **args)
+        return impl.collect_features(model, ex, str(out), projection=impl.Projection(proj_dim, seed, kind, s), **args)
     except TypeError as e:
         if "unexpected keyword" in str(e) and any(a in str(e) for a in kw):
             pytest.skip(f"{_module_name(impl)}.collect_features does not support {e}")
@@ -649,8 +756,9 @@ def _permute_in_place(t):
     flat[0], flat[j] = flat[j].clone(), flat[0].clone()
 
 
-@pytest.mark.parametrize("change", ["proj_dim", "seed", "checkpoint", "grad_type", "kind", "data", "trainable weight",
-                                    "frozen weight", "permuted trainable values", "reordered moments"])
+@pytest.mark.parametrize("change", ["proj_dim", "seed", "checkpoint", "grad_type", "kind", "sjlt s", "data", "labels only",
+                                    "trainable weight", "frozen weight", "trainable set", "permuted trainable values",
+                                    "reordered moments"])
 def test_changed_configuration_is_refused(impl, tmp_path, change):
     """Re-running into a directory of another configuration is refused (a ValueError), never resumed or
     mixed: also for a change in a FROZEN weight and for permutations that keep sums and sums of squares."""
@@ -658,11 +766,22 @@ def test_changed_configuration_is_refused(impl, tmp_path, change):
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     ex = _examples(5)
     kw = dict(grad_type="adam", optimizer_state=str(tmp_path / "optimizer.pt"))
+    if change in ("sjlt s", "trainable set"):  # sjlt: s is part of the identity; another trainable set: sgd
+        kw = dict(kind="sjlt") if change == "sjlt s" else dict(grad_type="sgd")
     _collect(impl, model, ex, tmp_path / "a", **kw)
     if change in ("proj_dim", "seed", "checkpoint", "grad_type", "kind"):
         kw[change] = {"proj_dim": 32, "seed": 2, "checkpoint": "ck2", "grad_type": "sign", "kind": "sjlt"}[change]
+    elif change == "sjlt s":
+        kw["s"] = 2
     elif change == "data":
         ex = ex[:4] + _examples(1, seed=5, prefix="other")
+    elif change == "labels only":  # the same tokens, one more of them scored (position 1 is prompt: -100)
+        ex[2]["labels"][1] = ex[2]["input_ids"][1]
+    elif change == "trainable set":  # the same gradient length, other parameters: layer 0's q_proj for layer 1's o_proj
+        out_w, in_w = model.model.layers[1].self_attn.o_proj.weight, model.model.layers[0].self_attn.q_proj.weight
+        assert out_w.requires_grad and not in_w.requires_grad and out_w.shape == in_w.shape
+        out_w.requires_grad_(False)
+        in_w.requires_grad_(True)
     elif change == "trainable weight":
         with torch.no_grad():
             named[0][1].mul_(1.01)
@@ -685,10 +804,10 @@ def test_failed_first_run_does_not_poison_the_directory(impl, tmp_path):
     model = _lm()
     ex = _examples(4)
     for bad in ({"proj_dim": 0}, {"chunk_size": 0}, {"batch_size": -1}, {"grad_type": "adam"}):  # adam: no state
-        with pytest.raises(ValueError):
+        with pytest.raises(REFUSED):
             _collect(impl, model, ex, tmp_path / "a", **bad)
     frozen = _train_only(_lm(), "nothing")  # no trainable parameter
-    with pytest.raises(ValueError):
+    with pytest.raises(REFUSED):
         _collect(impl, frozen, ex, tmp_path / "a")
     _collect(impl, model, ex, tmp_path / "a")  # the corrected run is not refused
     assert impl.load_features(tmp_path / "a" / "features.safetensors")[1] == [e["id"] for e in ex]
@@ -705,32 +824,50 @@ def test_collection_files_follow_the_umask(impl, tmp_path):
             assert p.stat().st_mode & 0o044 == 0o044, f"{p} is not readable by others: {oct(p.stat().st_mode)}"
 
 
-def test_bad_examples_are_errors_naming_the_id(impl, tmp_path):
-    model = _lm()
-    ex = _examples(4)
-    ex[2]["labels"] = [-100] * len(ex[2]["labels"])
-    with pytest.raises(ValueError, match="ex2"):
-        _collect(impl, model, ex, tmp_path / "a")
-    ex = _examples(4)
-    ex[3]["id"] = "ex1"
-    with pytest.raises(ValueError, match="ex1"):
-        _collect(impl, model, ex, tmp_path / "b")
-    ex = _examples(4)
-    del ex[2]["id"]
-    with pytest.raises(ValueError, match="id"):
-        _collect(impl, model, ex, tmp_path / "c")
-    ex = _examples(4)
-    ex[2]["id"] = torch.tensor(7)  # not storable as JSON: refused, never stored as a string of a tensor
-    with pytest.raises(ValueError):
-        _collect(impl, model, ex, tmp_path / "e")
-    ex = _examples(4)
-    ex[1]["input_ids"][0] = 63
+def _bad_examples(case):
+    """(model, examples, what the error must name) for one kind of bad example."""
+    model, ex = _lm(), _examples(4)
+    if case in ("no response token", "label at position 0 only"):
+        ex[2]["labels"] = [-100] * len(ex[2]["labels"])
+        if case == "label at position 0 only":  # nothing predicts position 0: still no scored token
+            ex[2]["labels"][0] = ex[2]["input_ids"][0]
+        return model, ex, "ex2"
+    if case == "duplicate id":
+        ex[3]["id"] = "ex1"
+        return model, ex, "ex1"
+    if case == "missing id":
+        del ex[2]["id"]
+        return model, ex, "id"
+    if case == "tensor id":  # not storable as JSON: refused, never stored as a string of a tensor
+        ex[2]["id"] = torch.tensor(7)
+        return model, ex, "id"
+    ex[1]["input_ids"][0] = 63  # non-finite gradient: only example ex1 touches token 63, a NaN embedding row
     for e in ex[:1] + ex[2:]:
         e["input_ids"] = [t % 63 for t in e["input_ids"]]
     with torch.no_grad():
-        model.model.embed_tokens.weight[63] = float("nan")  # only example ex1 touches token 63
-    with pytest.raises(ValueError, match="ex1"):
-        _collect(impl, model, ex, tmp_path / "d")
+        model.model.embed_tokens.weight[63] = float("nan")
+    return model, ex, "ex1"
+
+
+BAD_EXAMPLES = ["no response token", "label at position 0 only", "duplicate id", "missing id", "tensor id",
+                "non-finite gradient"]
+
+
+@pytest.mark.parametrize("case", BAD_EXAMPLES)
+def test_bad_examples_are_refused(impl, tmp_path, case):
+    """An example with no scored token (its loss is NaN), two rows for one id, an id that cannot be stored, a
+    non-finite gradient: collection refuses, never stores NaN or zero rows or rows that ids cannot find."""
+    model, ex, _ = _bad_examples(case)
+    with pytest.raises(REFUSED):
+        _collect(impl, model, ex, tmp_path / "a")
+
+
+@pytest.mark.policy
+@pytest.mark.parametrize("case", BAD_EXAMPLES)
+def test_bad_examples_are_errors_naming_the_id(impl, tmp_path, case):
+    model, ex, culprit = _bad_examples(case)
+    with pytest.raises(ValueError, match=culprit):
+        _collect(impl, model, ex, tmp_path / "a")
 
 
 # --- matching: which files may be scored together
@@ -745,6 +882,9 @@ def test_match_scores_stored_files_and_refuses_incompatible_ones(impl, tmp_path)
     model = _lm()
     ex, val = _examples(6), _examples(4, seed=3, prefix="val")
     t1, v1 = _files(impl, tmp_path, model, "t1", ex), _files(impl, tmp_path, model, "v1", val)
+    other_model = _lm()
+    with torch.no_grad():
+        other_model.model.embed_tokens.weight[5, 3] += 0.25  # another base model: another gradient everywhere
     scores, ids = impl.match([t1], [v1], n_subtasks=2)
     assert ids == [e["id"] for e in ex]
     tf, vf = impl.load_features(t1)[0], impl.load_features(v1)[0]
@@ -753,6 +893,7 @@ def test_match_scores_stored_files_and_refuses_incompatible_ones(impl, tmp_path)
         "seed": ([t1], [_files(impl, tmp_path, model, "v-seed", val, seed=9)]),
         "kind": ([t1], [_files(impl, tmp_path, model, "v-sjlt", val, kind="sjlt")]),
         "checkpoint": ([t1], [_files(impl, tmp_path, model, "v-ck", val, checkpoint="ck2")]),
+        "model": ([t1], [_files(impl, tmp_path, other_model, "v-model", val)]),
         "val ids differ between checkpoints": ([t1, _files(impl, tmp_path, model, "t2", ex, checkpoint="ck2")],
                                                [v1, _files(impl, tmp_path, model, "v2", val[::-1], checkpoint="ck2")]),
         "train ids differ between checkpoints": ([t1, _files(impl, tmp_path, model, "t3", ex[::-1], checkpoint="ck3")],
@@ -763,6 +904,54 @@ def test_match_scores_stored_files_and_refuses_incompatible_ones(impl, tmp_path)
         with pytest.raises(ValueError):
             impl.match(tp, vp)
             pytest.fail(f"match accepted files whose {what}")
+
+
+# --- data preparation: which tokens carry the loss
+
+
+def _word_tokenizer():
+    return word_tokenizer(["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"] +
+                          [str(i) for i in range(20)] + ["what", "is", "+", "?", "=", "####", "the", "answer"])
+
+
+def test_encode_prompt_response_and_messages(impl):
+    """Labels exactly on the response and its eos ({"prompt", "response"}), or on the assistant turns of a chat
+    (each turn's tokens through its end marker), -100 elsewhere."""
+    tok = _word_tokenizer()
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ex = impl.encode_example({"id": "a", "prompt": "what is 3 + 4 ?", "response": "7"}, tok)
+    assert ex["id"] == "a" and ex["input_ids"] == ids("what is 3 + 4 ? 7 <eos>")
+    assert ex["labels"] == [-100] * 6 + ids("7 <eos>")
+    msgs = [{"role": "system", "content": "the answer"}, {"role": "user", "content": "what is 1 + 2 ?"},
+            {"role": "assistant", "content": "3"}, {"role": "user", "content": "+ 4 ?"}, {"role": "assistant", "content": "7"}]
+    ex = impl.encode_example({"id": "b", "messages": msgs}, tok)
+    assert ex["input_ids"] == ids(tok.apply_chat_template(msgs, tokenize=False))
+    kept = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert kept == ids("3 <|im_end|> 7 <|im_end|>"), tok.decode(kept)
+    assert all(lab in (-100, t) for t, lab in zip(ex["input_ids"], ex["labels"]))
+
+
+def test_encode_truncates_the_end_and_refuses_a_record_left_without_response(impl):
+    """max_length keeps the first tokens (the prompt stays whole, the response is cut); a cut that leaves no
+    response token, or a record of another shape, is refused."""
+    tok = _word_tokenizer()
+    rec = {"id": "long", "prompt": "what is 3 + 4 ?", "response": "1 2 3 4 5"}
+    full, cut = impl.encode_example(rec, tok), impl.encode_example(rec, tok, max_length=8)
+    assert cut["input_ids"] == full["input_ids"][:8] and cut["labels"] == full["labels"][:8]
+    assert cut["labels"][6:] == full["input_ids"][6:8]
+    with pytest.raises(REFUSED):
+        impl.encode_example(rec, tok, max_length=6)  # the prompt's 6 tokens only
+    with pytest.raises(REFUSED):
+        impl.encode_example({"id": "x", "text": "what"}, tok)
+
+
+@pytest.mark.policy
+def test_encode_errors_name_the_record(impl):
+    tok = _word_tokenizer()
+    with pytest.raises(ValueError, match="'long'.*max_length=6"):
+        impl.encode_example({"id": "long", "prompt": "what is 3 + 4 ?", "response": "7"}, tok, max_length=6)
+    with pytest.raises(ValueError, match="'x'.*prompt"):
+        impl.encode_example({"id": "x", "text": "what"}, tok)
 
 
 # --- the whole method in memory, and DataFlex's dynamic selection
@@ -893,14 +1082,11 @@ def test_torchrun_style_collection_equals_single_process(impl, tmp_path, world):
 
 
 def test_an_error_on_one_rank_stops_every_rank_with_its_cause(impl, tmp_path):
-    """Rank 1 meets a non-finite gradient while rank 0 has finished: both ranks end promptly (the gloo timeout
-    is 60 s) with an error that names the example, and no merged file is written."""
+    """Rank 1 meets a non-finite gradient while rank 0 has finished: both ranks end with an error that names
+    the example, and no merged file is written. (A rank left waiting would end at the gloo timeout with a
+    timeout error instead, without the example's id: promptness is checked by the message, not by a clock.)"""
     impl.collect_features
-    import time
-
-    t = time.perf_counter()
     result = _spawn(impl, tmp_path, 2, "collect-raise", tmp_path / "multi")
-    assert time.perf_counter() - t < 50, "ranks waited for a timeout instead of failing promptly"
     assert not (tmp_path / "multi" / "features.safetensors").exists()
     msgs = [open(f"{result}.{r}").read() if os.path.exists(f"{result}.{r}") else "" for r in range(2)]
     assert "ex5" in msgs[1] and "ex5" in msgs[0], msgs
@@ -1136,35 +1322,10 @@ def test_select_step_is_broadcast_so_ranks_agree(tmp_path):
     assert picks[0] == single.tolist()
 
 
-# --- data preparation (reference-only: no faster implementation replaces it)
+# --- JSONL reading (the command-line tools)
 
 
-def _word_tokenizer():
-    return word_tokenizer(["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"] +
-                          [str(i) for i in range(20)] + ["what", "is", "+", "?", "=", "####", "the", "answer"])
-
-
-def test_encode_prompt_response_and_messages():
-    tok = _word_tokenizer()
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    ex = ref.encode_example({"id": "a", "prompt": "what is 3 + 4 ?", "response": "7"}, tok)
-    assert ex["input_ids"] == ids("what is 3 + 4 ? 7 <eos>")
-    assert ex["labels"] == [-100] * 6 + ids("7 <eos>")
-    msgs = [{"role": "system", "content": "the answer"}, {"role": "user", "content": "what is 1 + 2 ?"},
-            {"role": "assistant", "content": "3"}, {"role": "user", "content": "+ 4 ?"}, {"role": "assistant", "content": "7"}]
-    ex = ref.encode_example({"id": "b", "messages": msgs}, tok)
-    kept = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
-    assert kept == ids("3 <|im_end|> 7 <|im_end|>"), tok.decode(kept)
-    ref.check_examples([ex], tok.vocab_size)
-
-
-def test_encode_truncation_and_bad_records(tmp_path):
-    tok = _word_tokenizer()
-    with pytest.raises(ValueError, match="'long'.*max_length=6"):
-        ref.encode_example({"id": "long", "prompt": "what is 3 + 4 ?", "response": "7"}, tok, max_length=6)
-    assert ref.encode_example({"id": "ok", "prompt": "what is 3 + 4 ?", "response": "7"}, tok, max_length=7)["labels"][-1] != -100
-    with pytest.raises(ValueError, match="'x'.*prompt"):
-        ref.encode_example({"id": "x", "text": "what"}, tok)
+def test_read_jsonl_ids_and_bad_lines(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"id": "q1", "prompt": "1", "response": "2"}\n\n{"prompt": "3", "response": "4"}\n')
     assert [r["id"] for r in less_cli.read_jsonl(tmp_path / "d.jsonl")] == ["q1", "d.jsonl:3"]
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n[1, 2]\n')

@@ -1,5 +1,5 @@
 """Does the suite catch realistic bugs? Each mutant is the reference with one bug a faster implementation could
-plausibly have; the suite, run against it as a candidate, must fail (exit 1). Not part of CI (about 5 minutes).
+plausibly have; the suite, run against it as a candidate, must fail (exit 1). Not part of CI (about 4 minutes).
 
     python examples/mutants.py            # all mutants
     python examples/mutants.py M3 M8      # some
@@ -46,6 +46,35 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
             "torch.where(torch.isfinite(out), z + T * (out - z), out)", "out"),
     "M12": ("minpp_ref", "top-p keeps tokens while the mass before them is <= top_p (one token too many at ties)",
             "kept = (before < top_p).sum(-1, keepdim=True)", "kept = (before <= top_p).sum(-1, keepdim=True)"),
+    # bugs in the functions the suite reaches since its core/policy split (issue 20)
+    "M13": ("minpp_ref", "generate: sampling ignores the temperature",
+            "return dict(f, temperature=temperature)", "return dict(f, temperature=1.0)"),
+    "M14": ("minpp_ref", "generate: a finished row keeps receiving tokens",
+            "            if done[i]:\n                continue\n", "            if False:\n                continue\n"),
+    "M15": ("less_ref", "encode_example: the prompt's tokens are labelled too",
+            "labels = [-100] * n_prompt + ids[n_prompt:]", "labels = list(ids)"),
+    "M16": ("less_ref", "encode_example: truncation keeps the last max_length tokens",
+            "ids, labels = ids[:max_length], labels[:max_length]", "ids, labels = ids[-max_length:], labels[-max_length:]"),
+    "M17": ("minpp_ref", "head file: w = softplus(theta) saved in place of theta",
+            '"theta": self.theta.detach().contiguous()', '"theta": self.w.detach().contiguous()'),
+    "M18": ("minpp_ref", "head file: load builds the default grid instead of the saved tau",
+            'head = cls(tau=t["tau"])', 'head = cls(K=t["tau"].numel())'),
+    "M19": ("minpp_ref", "logits processor: masked (-inf) scores clamped to a finite floor",
+            "            z = scores.float()\n", "            z = scores.float().clamp(min=-1e4)\n"),
+    "M20": ("minpp_ref", "loss fast path: a nearly even grid (within 0.1 of an integer bucket) taken for an even one",
+            "abs().max() < 1e-4:", "abs().max() < 1e-1:"),
+    "M21": ("minpp_ref", "loss fast path: the candidate margin on the wrong side (tokens just above tau_min dropped)",
+            "return n0, z >= m + (log_tau[n0] - 1e-3)", "return n0, z >= m + (log_tau[n0] + 1e-3)"),
+    "M22": ("less_ref", "data fingerprint without the labels (another label mask is resumed)",
+            ', _as_long(ex["labels"]).tolist()]).encode()', "]).encode()"),
+    "M23": ("less_ref", "projection identity without sjlt's s (features of another s are mixed)",
+            "return dict(ident, sjlt_s=self.s) if self.kind == \"sjlt\" else ident", "return ident"),
+    "M24": ("less_ref", "match does not compare the model (features of two base models are scored together)",
+            '"world_size", "optimizer"}', '"world_size", "optimizer", "model"}'),
+    "M25": ("less_ref", "projected_features: every slice projected from row 0",
+            "row_offset=a)", "row_offset=0)"),
+    "M26": ("less_ref", "sjlt: every block k // s columns wide (the last columns of wider blocks never used)",
+            "% ((t + 1) * proj_dim // s - start)", "% (proj_dim // s)"),
 }
 
 
