@@ -18,6 +18,7 @@ Reading order: 1. the method in plain torch (less_scores runs all of it in memor
 4. data preparation; 5. input checks. The tools are in cli/less.py. Imports with torch alone.
 Precision: all arithmetic is float32 whatever the input dtype; features and scores are float32.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -33,7 +34,6 @@ import torch
 # 1. The method
 def adam_features(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=1e-8, eps_outside=False):
     """Gamma = m_hat / sqrt(v_hat + eps) (LESS: eps INSIDE the root, no bias correction, no lr), float32.
-
     grad is (D,) or (N, D) in any float dtype; the moments are (D,). eps_outside=True gives DataFlex's
     m_hat / (sqrt(v_hat) + eps) instead -- a different feature, so it must be asked for explicitly."""
     g, m, v = grad.float(), exp_avg.float(), exp_avg_sq.float()
@@ -149,7 +149,6 @@ def sjlt_block(seed, row0, nrows, proj_dim, s, device="cpu"):
 
 def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, block_rows=None):
     """y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim); x is (N, D) or (D,).
-
     'rademacher' (the paper's): R in {-1, +1}, scale sqrt(proj_dim). 'sjlt' (an option, as in dattri): row i
     of R has s signs (sjlt_block), scale sqrt(s), O(D s) per example; s = 4 matches the dense kind's distortion
     on gradients (benchmarks/bench.py jl). row_offset: x holds rows [row_offset, row_offset + D) of the
@@ -220,10 +219,9 @@ def select_top(scores, fraction=None, k=None):
 
 def less_scores(model, checkpoints, train, val, projection=Projection(), n_subtasks=1):
     """The whole method in memory, float32 (N,). checkpoints: (weights, (exp_avg, exp_avg_sq), eta) per warm-up
-    checkpoint -- a state_dict loaded with strict=False (None: the model as it is) and its moments laid out
-    like the gradient (adam_state). Adam features of train, SGD gradients of val, projected, eta-weighted
-    cosine, mean within each subtask, max over subtasks. Holds (N, D) gradients: collect_features + match
-    compute the same in bounded memory."""
+    checkpoint, weights a state_dict (strict=False; None: the model as it is), moments as adam_state lays them.
+    Adam features of train, SGD gradients of val, projected, eta-weighted cosine, mean per subtask, max over
+    subtasks. Holds (N, D) gradients: collect_features + match compute the same in bounded memory."""
     t_feats, v_feats = [], []
     for weights, moments, _ in checkpoints:
         if weights is not None:
@@ -281,7 +279,7 @@ def _state_by_name(source, model, param_order):
         sd = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # a safetensors file, a pickle with code, a truncated file
         raise ValueError(f"{source}: not a torch optimizer state_dict that loads with weights_only=True "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                         f"({type(e).__name__}: {(str(e).splitlines() or ['empty or truncated'])[0][:200]})") from None
     if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict):
         keys = list(sd)[:5] if isinstance(sd, dict) else type(sd).__name__
         raise ValueError(f"{source}: not an optimizer state_dict (no 'state' entry; found {keys}); "
@@ -291,12 +289,14 @@ def _state_by_name(source, model, param_order):
         strip = lambda n: re.sub(r"_fsdp_wrapped_module\.|_orig_mod\.|module\.", "", n)  # noqa: E731
         stripped = {strip(k): v for k, v in state.items()}
         return {n: state.get(n, stripped.get(strip(n))) for n, _ in trainable_parameters(model)}
-    if param_order is None:  # keyed by index in param_groups order (Trainer: decay group first)
-        param_order, sizes = trainer_param_order(model)
-        file_sizes = [len(g["params"]) for g in sd["param_groups"]]
-        if [s for s in file_sizes if s] != [s for s in sizes if s]:
-            raise ValueError(f"{source}: param_groups sizes {file_sizes} do not match a Trainer's decay/no-decay "
-                             f"grouping of this model's trainable parameters {sizes}; pass param_order")
+    sizes = [len(g["params"]) for g in sd["param_groups"]]
+    if param_order is None and [s for s in sizes if s] != [s for s in trainer_param_order(model)[1] if s]:
+        raise ValueError(f"{source}: param_groups sizes {sizes} do not match a Trainer's decay/no-decay grouping of "
+                         f"this model's trainable parameters {trainer_param_order(model)[1]}; pass param_order")
+    param_order = trainer_param_order(model)[0] if param_order is None else param_order  # Trainer: decay group first
+    unknown = set(param_order) - set(dict(trainable_parameters(model)))
+    if unknown:
+        raise ValueError(f"param_order names {sorted(unknown)[:3]}, not trainable parameters of the model")
     index = [i for g in sd["param_groups"] for i in g["params"]]
     if len(index) != len(param_order):
         raise ValueError(f"{source}: {len(index)} parameters in param_groups, {len(param_order)} names in param_order")
@@ -320,31 +320,17 @@ def adam_state(model, source, param_order=None):
         s = by_name.get(n)
         if not s or "exp_avg" not in s or "exp_avg_sq" not in s:
             raise ValueError(f"optimizer state has no exp_avg/exp_avg_sq for parameter {n!r}")
-        for key in ("exp_avg", "exp_avg_sq"):
-            if s[key].shape != p.shape:
-                raise ValueError(f"optimizer state {key} for parameter {n!r} has shape {tuple(s[key].shape)}, "
-                                 f"the parameter has {tuple(p.shape)}")
+        bad = [k for k in ("exp_avg", "exp_avg_sq") if s[k].shape != p.shape]
+        if bad:
+            raise ValueError(f"optimizer state {bad[0]} for parameter {n!r} has shape {tuple(s[bad[0]].shape)}, the parameter {tuple(p.shape)}")
+        if not (torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all() and (s["exp_avg_sq"] >= 0).all()):
+            raise ValueError(f"optimizer state for parameter {n!r} has a non-finite entry or a negative exp_avg_sq")
         ms.append(s["exp_avg"].reshape(-1).float().to(p.device))
         vs.append(s["exp_avg_sq"].reshape(-1).float().to(p.device))
     return torch.cat(ms), torch.cat(vs)
 
 
-def checkpoint_weights_from_trainer_state(path):
-    """eta_i = mean logged learning rate of epoch i (log entries with epoch in (i - 1, i]) from trainer_state.json."""
-    with open(path) as f:
-        state = json.load(f)
-    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
-        raise ValueError(f"{path} has no 'log_history' list: not a transformers trainer_state.json")
-    log = [e for e in state["log_history"] if isinstance(e, dict) and "learning_rate" in e and "epoch" in e]
-    if not log:
-        raise ValueError(f"{path} has no log entry with both 'learning_rate' and 'epoch'")
-    by_epoch = {}
-    for e in log:
-        by_epoch.setdefault(max(1, math.ceil(e["epoch"] - 1e-9)), []).append(e["learning_rate"])
-    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
-
-
-# --- content fingerprints: what a stored file was computed from
+# --- storage: row i of every feature file belongs to ids[i]; fingerprints of what it was computed from
 def _sha(parts, chunk_bytes=2 ** 28):
     """sha256 (16 hex) of a sequence of bytes and tensors (a tensor's raw bytes, copied 256 MiB at a time)."""
     import ctypes
@@ -366,36 +352,34 @@ def model_fingerprint(model):
     return _sha(x for n, p in model.named_parameters() for x in (f"{n}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad};".encode(), p))
 
 
-def optimizer_fingerprint(adam):
-    """sha256 (16 hex) of exp_avg and exp_avg_sq in gradient layout order (None without optimizer state)."""
-    return None if adam is None else _sha(adam)
-
-
-def data_fingerprint(examples):
-    return _sha(json.dumps([ex["id"], _as_long(ex["input_ids"]).tolist(), _as_long(ex["labels"]).tolist()]).encode()
-                for ex in examples)
-
-
-# --- storage: row i of every feature file belongs to ids[i]
 def _write_atomic(tensors, metadata, path):
+    """safetensors file with JSON metadata and a sha256 of its tensors, written to a temp file then renamed."""
     from safetensors.torch import save_file
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # safetensors writes 0600; other users' ranks must read it like any file
-    os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
+    tmp, meta = f"{path}.tmp{os.getpid()}", dict(metadata, sha256=_sha(tensors[k] for k in sorted(tensors)))
+    try:
+        save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # safetensors writes 0600; other users' ranks must read it like any file
+        os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
+    except OSError as e:  # disk full, read-only directory: say which file
+        os.path.exists(tmp) and os.remove(tmp)
+        raise OSError(e.errno, f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def _read_features(path):
     """(tensors, metadata) of a feature file with rows = ids, unique ids, proj_dim columns; else a ValueError."""
     from safetensors import safe_open
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such feature file (collect writes features.safetensors when it finishes)")
     try:
         with safe_open(str(path), "pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ValueError(f"{path}: unreadable feature file ({type(e).__name__}: {e}); delete it and re-run") from None
+    if "sha256" in meta and meta["sha256"] != _sha(tensors[k] for k in sorted(tensors)):
+        raise ValueError(f"{path}: its content does not match its checksum (a corrupt file); delete it and re-run")
     if "features" not in tensors or "ids" not in meta or "identity" not in meta:
         raise ValueError(f"{path}: not a feature file (needs 'features', 'ids' and 'identity')")
     x, ids = tensors["features"], meta["ids"]
@@ -406,18 +390,19 @@ def _read_features(path):
     return tensors, meta
 
 
-def load_features(path):
-    """(features float32 (N, k), ids list, identity dict) from a chunk or merged file."""
+def load_features(path, merged=False):
+    """(features float32 (N, k), ids list, identity dict) from a chunk or (merged=True: only) a merged file."""
     tensors, meta = _read_features(path)
+    if merged and "positions" in tensors:
+        raise ValueError(f"{path} is one chunk of a collection, not its merged features.safetensors")
     return tensors["features"], meta["ids"], meta["identity"]
 
 
 def _world():
     """(rank, world size) under an initialised torch.distributed process group (torchrun), else (0, 1)."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
 
 
 def _sync(rank, world, fn):
@@ -434,9 +419,9 @@ def _sync(rank, world, fn):
     dist.all_gather_object(errors, f"{type(error).__name__}: {error}" if error else None)
     if error is not None:
         raise error
-    bad = [(r, e) for r, e in enumerate(errors) if e]
-    if bad:
-        raise ValueError(f"rank {bad[0][0]} failed: {bad[0][1]}")
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise ValueError(f"rank {failed[0][0]} failed: {failed[0][1]}")
     return out
 
 
@@ -458,11 +443,16 @@ def _check_identity(out_dir, identity):
     id_path = os.path.join(out_dir, "identity.json")
     if not os.path.exists(id_path):
         os.makedirs(out_dir, exist_ok=True)
-        with open(id_path + ".tmp", "w") as f:
+        with open(f"{id_path}.tmp{os.getpid()}", "w") as f:
             json.dump(identity, f)
-        return os.replace(id_path + ".tmp", id_path)
-    with open(id_path) as f:
-        old = json.load(f)
+        with contextlib.suppress(FileExistsError):  # another run created it first: compared below like any
+            os.link(f.name, id_path)
+        os.remove(f.name)
+    try:
+        with open(id_path) as f:
+            old = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{id_path}: unreadable ({e}); delete {out_dir} and re-run") from None
     diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if diff:
         raise ValueError(f"{out_dir} holds features of another configuration "
@@ -470,28 +460,21 @@ def _check_identity(out_dir, identity):
                          "use a new directory or delete it")
 
 
-def _chunk_ok(path, identity, positions):
-    """True if a chunk left by an earlier run is complete and ours; a torn or foreign one is removed."""
-    if not os.path.exists(path):
-        return False
+def _holds(path, identity, positions=None):
+    """True if path is a readable, uncorrupted feature file of this identity (and these dataset positions)."""
     try:
         tensors, meta = _read_features(path)
-        if meta["identity"] == identity and tensors["positions"].tolist() == positions:
-            return True
+        return meta["identity"] == identity and (positions is None or tensors["positions"].tolist() == positions)
     except (ValueError, KeyError):
-        pass
-    warnings.warn(f"{path}: truncated, unreadable or of another configuration; recomputing it")
-    os.remove(path)
-    return False
+        return False
 
 
 def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state=None, projection=Projection(),
                      checkpoint="", chunk_size=160, batch_size=8, method="vmap"):
-    """Projected features of examples written as atomic chunk files of chunk_size rows (features, positions, ids,
-    identity), merged by rank 0 into out_dir/features.safetensors (the path returned). Under torchrun rank r
-    takes its DistributedSampler shard. A re-run resumes; another configuration (any parameter's content, the
-    moments, checkpoint, projection, gradient type, data, world size) is refused naming the field. Errors name
-    the sample id; an error on one rank stops every rank with its cause. README "Scaling out" has the rest."""
+    """Projected features of examples written as atomic chunk files of chunk_size rows, merged by rank 0 into
+    out_dir/features.safetensors (the path returned); under torchrun rank r takes its DistributedSampler shard.
+    A re-run resumes; another configuration is refused naming the field; errors name the sample id and stop
+    every rank. README "Scaling out" has the details."""
     rank, world = _world()
     examples = list(examples)
 
@@ -503,16 +486,20 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
         projection(torch.zeros(1, 1))  # checks proj_dim, seed, kind, s
         params = _check_model_inputs(model, examples)
         adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
-        identity = dict(projection.identity(sum(p.numel() for _, p in params)), grad_type=grad_type,
-                        checkpoint=str(checkpoint), model=model_fingerprint(model), data=data_fingerprint(examples),
-                        n_examples=len(examples), chunk_size=chunk_size, world_size=world,
-                        optimizer=optimizer_fingerprint(adam))
+        data = _sha(json.dumps([e["id"], _as_long(e["input_ids"]).tolist(), _as_long(e["labels"]).tolist()]).encode()
+                    for e in examples)  # ids, tokens and labels, in order
+        identity = dict(projection.identity(sum(p.numel() for _, p in params)), grad_type=grad_type, checkpoint=str(checkpoint),
+                        model=model_fingerprint(model), n_examples=len(examples), data=data, chunk_size=chunk_size,
+                        world_size=world, optimizer=None if adam is None else _sha(adam))
         return identity, adam
 
     identity, adam = _sync(rank, world, prepare)  # nothing is written before every argument is checked
     _sync(rank, world, lambda: rank == 0 and _check_identity(out_dir, identity))  # rank 0 writes or checks it
     if world > 1:  # then every other rank must have the same configuration (same data, model, ...)
         _sync(rank, world, lambda: rank and _check_identity(out_dir, identity))
+    merged = os.path.join(out_dir, "features.safetensors")
+    if _sync(rank, world, lambda: _holds(merged, identity)):  # a finished run: nothing to compute or write
+        return merged
     positions = shard_positions(len(examples), rank, world)
     chunks = [positions[i:i + chunk_size] for i in range(0, len(positions), chunk_size)]
     shard, paths = _chunk_paths(out_dir, rank, world, len(chunks))
@@ -520,7 +507,11 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     for f in os.listdir(shard):  # temp files of writes killed half-way
         if ".tmp" in f:
             os.remove(os.path.join(shard, f))
-    todo = [c for c in range(len(chunks)) if not _chunk_ok(paths[c], identity, chunks[c])]
+    for c, path in enumerate(paths):  # chunks of an earlier run: kept if whole and ours, else recomputed
+        if os.path.exists(path) and not _holds(path, identity, chunks[c]):
+            warnings.warn(f"{path}: truncated, corrupt or of another configuration; recomputing it")
+            os.remove(path)
+    todo = [c for c, path in enumerate(paths) if not os.path.exists(path)]
 
     def compute():
         from tqdm import tqdm  # a bar on a terminal only (disable=None)
@@ -535,7 +526,8 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
 
     _sync(rank, world, compute)
     _sync(rank, world, lambda: rank == 0 and merge_features(out_dir))
-    return os.path.join(out_dir, "features.safetensors")
+    return merged
+
 
 
 def merge_features(out_dir):
@@ -578,7 +570,7 @@ def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
     train_paths, val_paths = list(train_paths), list(val_paths)
     if len(train_paths) != len(val_paths) or not train_paths:
         raise ValueError(f"need one train and one val file per checkpoint, got {len(train_paths)} and {len(val_paths)}")
-    train, val = [load_features(p) for p in train_paths], [load_features(p) for p in val_paths]
+    train, val = ([load_features(p, merged=True) for p in paths] for paths in (train_paths, val_paths))
     for tp, vp, (_, _, ti), (_, _, vi) in zip(train_paths, val_paths, train, val):
         for key in sorted((set(ti) | set(vi)) - {"grad_type", "data", "n_examples", "chunk_size", "world_size", "optimizer"}):
             if ti.get(key) != vi.get(key):
@@ -598,9 +590,8 @@ def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
 def select_step(model, optimizer, pool, val, n_select, projection=Projection(), batch_size=8, method="vmap",
                 eps_outside=True):
     """Indices (descending score) of the n_select pool examples whose Adam features (live moments, current
-    weights) align best on average with the validation gradients: DataFlex's score (one checkpoint, mean over
-    validation), with its m_hat / (sqrt(v_hat) + eps) unless eps_outside=False. The model's train/eval mode is
-    restored. Under torch.distributed rank r scores pool[r::world]; every rank selects from all the scores."""
+    weights) best match the validation gradients on average: DataFlex's score, with its m_hat / (sqrt(v_hat) +
+    eps) unless eps_outside=False. Train/eval mode is restored; under torchrun rank r scores pool[r::world]."""
     rank, world = _world()
     _whole("n_select", n_select, 0)
     adam = adam_state(model, optimizer)
@@ -629,12 +620,10 @@ def select_step(model, optimizer, pool, val, n_select, projection=Projection(), 
 # ============================================================================
 # 4. Data preparation: which tokens carry the loss is part of LESS's definition
 def encode_example(record, tokenizer, max_length=2048):
-    """{"id", "input_ids", "labels"} from a record, as LESS's data code builds it: {"prompt", "response"} ->
-    prompt + response + eos (a space between them unless one side has it), labels -100 on the prompt; {"messages":
-    [{"role", "content"}, ...]} -> the chat template, labels on the assistant turns only (each one's span: the
-    template up to it with the generation prompt, to its end). Truncated to max_length; no response token left
-    is a ValueError naming the id."""
-    sid = record.get("id")
+    """{"id", "input_ids", "labels"} as LESS's data code builds it: {"prompt", "response"} -> prompt + response +
+    eos (a space between unless one side has it), labels -100 on the prompt; {"messages": [...]} -> the chat
+    template, labels on each assistant turn's span only. Truncated to max_length (its first tokens)."""
+    sid = _check_record(record, max_length)
     ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if "messages" in record:
         msgs = record["messages"]
@@ -645,14 +634,12 @@ def encode_example(record, tokenizer, max_length=2048):
             if m.get("role") == "assistant":
                 a, b = len(ids_of(render(msgs[:i], True))), len(ids_of(render(msgs[:i + 1])))
                 labels[a:b] = ids[a:b]
-    elif "prompt" in record and "response" in record:
+    else:
         p, r = record["prompt"], record["response"]
         sep = "" if p.endswith((" ", "\n", "\t")) or r.startswith((" ", "\n", "\t")) else " "
         ids = ids_of(p + sep + r + (tokenizer.eos_token or ""))
         n_prompt = len(ids_of(p))
         labels = [-100] * n_prompt + ids[n_prompt:]
-    else:
-        raise ValueError(f"record {sid!r} needs 'prompt' and 'response', or 'messages'; it has {sorted(record)}")
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == -100 for x in labels[1:]):
         raise ValueError(f"sample id {sid!r}: no response token left within max_length={max_length} "
@@ -666,6 +653,21 @@ def _whole(name, v, lo=1, hi=math.inf):
     """A whole-number argument (not a float, bool or str) in [lo, hi], else a ValueError naming it."""
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ValueError(f"{name} must be a whole number >= {lo}{f' and <= {hi}' if hi < math.inf else ''}, got {v!r}")
+
+
+def _check_record(record, max_length):
+    """The record's id, after checking its shape: prompt and response strings, or messages with an assistant turn."""
+    _whole("max_length", max_length)
+    sid, msgs = record.get("id"), record.get("messages")
+    if "messages" not in record and not ("prompt" in record and "response" in record):
+        raise ValueError(f"record {sid!r} needs 'prompt' and 'response', or 'messages'; it has {sorted(record)}")
+    if "messages" not in record and not (isinstance(record["prompt"], str) and isinstance(record["response"], str)):
+        raise TypeError(f"record {sid!r}: prompt and response must be strings")
+    if "messages" in record and not (isinstance(msgs, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)):
+        raise TypeError(f"record {sid!r}: messages must be a list of {{'role', 'content'}} objects, content a string")
+    if "messages" in record and not any(m.get("role") == "assistant" for m in msgs):
+        raise ValueError(f"record {sid!r} has no assistant turn: no token to learn from")
+    return sid
 
 
 def _check_rows(row0, nrows, per_row):
@@ -731,13 +733,11 @@ def _check_selection(scores, fraction, k):
     if not torch.is_tensor(scores) or scores.dim() != 1:
         raise ValueError(f"scores must be a 1-D tensor (one score per example), got {getattr(scores, 'shape', type(scores))}")
     N = scores.shape[0]
-    if k is not None:
-        _whole("k", k, 0)
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        k = int(fraction * N)
-    if not 0 <= k <= N:
+    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    k = int(fraction * N) if fraction is not None else k
+    _whole("k", k, 0)
+    if k > N:
         raise ValueError(f"k must be in [0, {N}], got {k}")
     if torch.isnan(scores).any():
         raise ValueError(f"score {torch.isnan(scores).nonzero()[0].item()} is NaN")

@@ -211,7 +211,10 @@ class MinPPlusHead(nn.Module):
     def load(cls, path):
         from safetensors.torch import load_file
 
-        t = load_file(str(path))
+        try:
+            t = load_file(str(path))
+        except Exception as e:  # a missing, truncated or foreign file
+            raise ValueError(f"{path}: not a readable head file ({type(e).__name__}: {e})") from None
         if set(t) != {"tau", "theta"} or t["tau"].dim() != 1 or t["theta"].shape != t["tau"].shape:
             raise ValueError(f"{path}: a head file holds 'tau' (K,) and 'theta' (K,), got "
                              f"{ {k: tuple(v.shape) for k, v in t.items()} }")
@@ -254,17 +257,6 @@ def answer_logits(model, input_ids, labels, attention_mask=None):
     return logits[keep].float(), tgt[keep]
 
 
-def head_diagnostics(head, logits, target, min_share=1e-3):
-    """Base CE vs MinP+ CE, H(pi), the number of active thresholds (weight share >= min_share) and the mean
-    fraction of the vocabulary they keep (c > 0): what sampling with the pruned head would keep."""
-    with torch.no_grad():
-        tau, w = head.active(min_share)
-        return {"base_ce": F.cross_entropy(logits.float(), target).item(),
-                "minpp_ce": F.cross_entropy(head.forward_logits(logits), target).item(),
-                "weight_entropy": weight_entropy(head.w).item(), "active": int(tau.numel()),
-                "kept_fraction": torch.isfinite(minpp_logits(logits, tau, w)).float().mean().item()}
-
-
 def train_head(head, logits, target, steps=300, lr=0.1, reg="entropy", lam=0.0, temperature=1.0, log_every=0):
     """Fit theta by Adam on CE(MinP+(logits / T), target) + lam * regulariser(w); logits are frozen (n, V).
     Thresholds and targets are checked once, not at every step."""
@@ -295,7 +287,7 @@ def generate(model, input_ids, max_new_tokens, method="none", do_sample=True, te
     if method == "greedy":
         method, do_sample = "none", False
     kw = _filters(method, temperature, top_k, top_p, min_p, minpp)
-    _check_generate_args(input_ids, attention_mask, max_new_tokens, stop_strings, decode)
+    _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_strings, decode)
     if minpp is not None:
         check_thresholds(*minpp)  # once per call: per token it would copy tau and w to the host every step
     B = input_ids.shape[0]
@@ -365,30 +357,15 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None, check
     logits' gradient. A target with c_t = 0 has probability 0: its loss is +inf (math, not a bug) and a warning
     says how many and where. Gradients flow to logits and w. check=False skips the checks of tau, w and the
     targets (for a caller that made them once, as train_head does)."""
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
-    V = logits.shape[1]
-    scored = target != ignore_index
-    if check:
-        check_thresholds(tau, w)
-        bad = scored & ((target < 0) | (target >= V))
-        if bad.any():
-            i = bad.nonzero()[0].item()
-            raise ValueError(f"target[{i}] = {target[i].item()} is outside [0, {V}) and is not ignore_index={ignore_index}")
-    n = int(scored.sum())
-    if n == 0:
-        raise ValueError(f"every target equals ignore_index={ignore_index}: there is nothing to score")
+    scored, n, chunk_rows = _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows, check)
     log_tau = tau.to(logits.device, torch.float32).log()
-    chunk_rows = chunk_rows or max(1, 2 ** 22 // V)
     w1 = unit_weights(w)  # q is scale-free in w; max 1 keeps extreme weights exact (grad: d w1 / d w by autograd)
-    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows) / n
-    if torch.isinf(loss):  # rare: name the rows (plain form, no grad)
+    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows, n)
+    if torch.isinf(loss):  # rare: name the rows (plain form, no grad); the mean of finite rows is finite
         with torch.no_grad():
             lz = minpp_logits(logits[scored], tau, w)
-            rows_ce = F.cross_entropy(lz, target[scored], reduction="none")
-            bad = torch.isinf(rows_ce)
-            zero_c = torch.isneginf(lz.gather(1, target[scored, None])[:, 0]) & bad
-            rows = scored.nonzero()[:, 0][bad]
+            bad = torch.isinf(F.cross_entropy(lz, target[scored], reduction="none"))
+            zero_c, rows = torch.isneginf(lz.gather(1, target[scored, None])[:, 0]) & bad, scored.nonzero()[:, 0][bad]
         warnings.warn(f"MinP+ loss is inf at {rows.numel()} target(s), first at row {rows[0].item()}: "
                       f"{int(zero_c.sum())} have c = 0 (below every threshold with weight > 0; add tau = 0 to the grid), "
                       f"{int(bad.sum() - zero_c.sum())} have a probability that underflows float32 (logits far apart)")
@@ -474,12 +451,12 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         return j, fix
 
     @staticmethod
-    def forward(ctx, logits, target, log_tau, w, chunk_rows):
+    def forward(ctx, logits, target, log_tau, w, chunk_rows, n):
         prefix = prefix_weights(w)
         grid = uniform_grid(log_tau)
         scored = target >= 0  # ignored rows come in as -1
         t = target.clamp(min=0)
-        total = logits.new_zeros((), dtype=torch.float32)
+        total = logits.new_zeros((), dtype=torch.float64)  # finite row losses whose float32 sum would overflow
         stats = []
         buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
         ws = None  # the dense path's buffers, made when a chunk first needs them
@@ -502,11 +479,11 @@ class _MinPPCrossEntropy(torch.autograd.Function):
                 keep = ("sparse", e_sum, above if pos.numel() <= z.numel() // 8 else None)
             d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]
             row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()
-            total = total + row_loss[sc].sum()
+            total = total + row_loss[sc].double().sum()
             stats.append((m, S, d_t, keep))
         ctx.save_for_backward(logits, t, scored, log_tau, w)
-        ctx.stats, ctx.chunk_rows, ctx.grid = stats, chunk_rows, grid
-        return total
+        ctx.stats, ctx.chunk_rows, ctx.grid, ctx.n = stats, chunk_rows, grid, n
+        return (total / n).float()  # the mean over the n scored rows
 
     @staticmethod
     def backward(ctx, grad_total):
@@ -519,7 +496,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
             k[0] == "dense" for *_, k in ctx.stats) else None
         for (m, S, d_t, keep), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
             z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
-            g_row = scored[s:s + ctx.chunk_rows].float() * grad_total  # (n,) d total / d row loss
+            g_row = scored[s:s + ctx.chunk_rows].float() * (grad_total / ctx.n)  # (n,) d mean / d row loss
             scale = g_row / S
             if want_w:
                 b_t = torch.bucketize(d_t, log_tau, right=True)
@@ -545,7 +522,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
             if want_z:
                 g.scatter_add_(1, tc[:, None], -g_row[:, None])
         grad_w = torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:].to(w.dtype) if want_w else None
-        return grad_z.to(logits.dtype) if want_z else None, None, None, grad_w, None
+        return grad_z.to(logits.dtype) if want_z else None, None, None, grad_w, None, None
 
 
 # ============================================================================
@@ -555,6 +532,8 @@ class _MinPPCrossEntropy(torch.autograd.Function):
 def check_thresholds(tau, w):
     """tau (K,) strictly increasing in [0, 1]; w (K,) finite, >= 0, sum > 0 (bucketize silently misbehaves on
     unsorted boundaries: not optional)."""
+    if not (torch.is_tensor(tau) and torch.is_tensor(w)):
+        raise TypeError(f"tau and w must be tensors, got {type(tau).__name__} and {type(w).__name__}")
     if tau.dim() != 1 or w.dim() != 1 or tau.numel() != w.numel() or tau.numel() == 0:
         raise ValueError(f"tau and w must be 1-D of the same length K >= 1, got {tuple(tau.shape)} and {tuple(w.shape)}")
     t, wd = tau.detach().double().cpu(), w.detach().double().cpu()
@@ -570,6 +549,27 @@ def check_thresholds(tau, w):
         raise ValueError("all MinP+ weights are zero: no token could be kept")
 
 
+def _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows, check):
+    """(scored rows, their number, chunk_rows) for minpp_loss after checking shapes, dtypes and values."""
+    if not (torch.is_tensor(logits) and torch.is_tensor(target)) or logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be an (N, V) tensor and target (N,), got {getattr(logits, 'shape', logits)!r} and "
+                         f"{getattr(target, 'shape', target)!r}")
+    if logits.numel() == 0 or target.is_floating_point():
+        raise ValueError(f"empty logits {tuple(logits.shape)} or {target.dtype} targets: need N, V >= 1 and token ids")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a whole number >= 1, got {chunk_rows!r}")
+    scored = target != ignore_index
+    if check:
+        check_thresholds(tau, w)
+        bad = scored & ((target < 0) | (target >= logits.shape[1]))
+        if bad.any():
+            i = bad.nonzero()[0].item()
+            raise ValueError(f"target[{i}] = {target[i].item()} is outside [0, {logits.shape[1]}) and is not ignore_index={ignore_index}")
+    if not scored.any():
+        raise ValueError(f"every target equals ignore_index={ignore_index}: there is nothing to score")
+    return scored, int(scored.sum()), chunk_rows or max(1, 2 ** 22 // logits.shape[1])
+
+
 def _check_probs(probs):
     """fp32 probs; NaN, inf, negative entries and all-zero rows are errors. Fast path: one sum and one min."""
     if probs.dim() < 2:
@@ -582,8 +582,7 @@ def _check_probs(probs):
     if bad.any():
         idx = bad.nonzero()[0].tolist()
         raise ValueError(f"probs must be finite and >= 0; entry {idx} is {probs[tuple(idx)].item()}")
-    empty = ~(total > 0)
-    raise ValueError(f"probs row {empty.nonzero()[0].tolist()} has no mass (all zero) or a sum that overflows")
+    raise ValueError(f"probs row {(~(total > 0)).nonzero()[0].tolist()} has no mass (all zero) or a sum that overflows")
 
 
 def _check_logits(logits, row0=0):
@@ -595,14 +594,11 @@ def _check_logits(logits, row0=0):
     bad = torch.isnan(z) | (z == float("inf"))
     if bad.any():
         idx = bad.nonzero()[0].tolist()
-        value = logits[tuple(idx)].item()
-        idx[0] += row0
-        raise ValueError(f"logits must not be NaN or +inf; entry {idx} is {value}")
+        raise ValueError(f"logits must not be NaN or +inf; entry {[idx[0] + row0] + idx[1:]} is {logits[tuple(idx)].item()}")
     dead = ~torch.isfinite(z).any(-1)
     if dead.any():
         idx = dead.nonzero()[0].tolist()
-        idx[0] += row0
-        raise ValueError(f"logits row {idx} has no finite logit (all -inf)")
+        raise ValueError(f"logits row {[idx[0] + row0] + idx[1:]} has no finite logit (all -inf)")
     return z
 
 
@@ -633,15 +629,19 @@ def _filters(method, temperature, top_k, top_p, min_p, minpp):
     return dict(f, temperature=temperature)
 
 
-def _check_generate_args(input_ids, attention_mask, max_new_tokens, stop_strings, decode):
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a (B, T) tensor with B, T >= 1 (a batch of prompts), got {shape}")
+def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_strings, decode):
+    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if t is not None and (not torch.is_tensor(t) or t.dim() != 2 or 0 in t.shape or t.is_floating_point()):
+            shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"{name} must be a (B, T) integer tensor with B, T >= 1 (a batch of prompts), got {shape}")
+    vocab = getattr(getattr(model, "get_input_embeddings", lambda: None)(), "num_embeddings", None)
+    if ((input_ids < 0) | (input_ids >= (vocab or float("inf")))).any():
+        raise ValueError(f"input_ids hold a token id outside the model's vocabulary [0, {vocab})")
     if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
-        if not attention_mask[:, -1].all() or not (attention_mask.diff(dim=1) >= 0).all():
-            raise ValueError("attention_mask must be left padding (0s then 1s, last column all 1): pad prompts on the left")
+        m = attention_mask.long()  # one rule for bool and integer masks: 0s then 1s, nothing else
+        if m.shape != input_ids.shape or not ((m == 0) | (m == 1)).all() or not (m[:, -1] == 1).all() or (m.diff(dim=1) < 0).any():
+            raise ValueError(f"attention_mask must be left padding of input_ids' shape {tuple(input_ids.shape)}: 0s then "
+                             "1s in every row, the last column 1")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     if isinstance(stop_strings, str) or not all(isinstance(x, str) and x for x in stop_strings):

@@ -9,6 +9,7 @@ itself; it is deselected when a candidate is named.
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -749,6 +750,77 @@ def test_resume_after_a_removed_chunk_equals_the_clean_run(impl, tmp_path):
     torch.testing.assert_close(feats, clean[0], rtol=1e-5, atol=1e-7)
 
 
+def _flip_a_byte_of_the_features(path):
+    """Flip one bit of the last feature value stored in a safetensors file (the data sit after the header)."""
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x40  # an exponent bit of the last float32 row's last value
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_chunk_is_never_used(impl, tmp_path):
+    """A stored chunk whose bytes changed after it was written (one bit of one feature): a re-run recomputes it
+    (or refuses naming it) and the merged result is the clean run's -- never the corrupt row."""
+    model, ex = _lm(), _examples(9)
+    _collect(impl, model, ex, tmp_path / "a")
+    clean = impl.load_features(tmp_path / "a" / "features.safetensors")
+    chunks = sorted(p for p in (tmp_path / "a").rglob("chunk*.safetensors"))
+    _flip_a_byte_of_the_features(chunks[1])
+    (tmp_path / "a" / "features.safetensors").unlink()
+    try:
+        with pytest.warns(UserWarning):
+            _collect(impl, model, ex, tmp_path / "a")
+    except ValueError as e:
+        assert chunks[1].name in str(e)
+        return
+    feats, ids, _ = impl.load_features(tmp_path / "a" / "features.safetensors")
+    assert ids == clean[1]
+    torch.testing.assert_close(feats, clean[0], rtol=1e-5, atol=1e-7)
+
+
+def test_a_corrupt_or_partial_features_file_is_not_matched(impl, tmp_path):
+    """match refuses a merged file whose bytes changed and a single chunk file given in place of the merged file
+    (it would score only that chunk's rows)."""
+    model = _lm()
+    t, v = _files(impl, tmp_path, model, "t", _examples(9)), _files(impl, tmp_path, model, "v", _examples(2, seed=3, prefix="val"))
+    chunk = str(sorted((tmp_path / "t").rglob("chunk*.safetensors"))[0])
+    with pytest.raises(REFUSED):
+        impl.match([chunk], [v])
+    _flip_a_byte_of_the_features(tmp_path / "t" / "features.safetensors")
+    with pytest.raises(REFUSED):
+        impl.match([t], [v])
+
+
+@pytest.mark.policy
+def test_broken_optimizer_states_are_errors_naming_the_cause(impl, tmp_path):
+    """An empty file, NaN or negative exp_avg_sq moments: a ValueError naming the file or the parameter, not an
+    IndexError or NaN features."""
+    model, opt, named = _trainer_setup()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.pt"):
+        impl.adam_state(model, str(tmp_path / "empty.pt"))
+    for what, value in (("exp_avg", float("nan")), ("exp_avg_sq", -1.0)):
+        state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in named}
+        state[named[1][0]][what].view(-1)[0] = value
+        torch.save({"state": state, "param_groups": []}, tmp_path / f"{what}.bin")
+        with pytest.raises(ValueError, match=re.escape(named[1][0])):
+            impl.adam_state(model, str(tmp_path / f"{what}.bin"))
+
+
+@pytest.mark.policy
+def test_bad_records_and_lengths_are_errors_naming_them(impl):
+    """A negative or fractional max_length (which would silently cut eos and the response), messages given as a
+    string, a prompt that is not a string, a chat with no assistant turn: errors naming the record."""
+    tok = _word_tokenizer()
+    rec = {"id": "r", "prompt": "what is 3 + 4 ?", "response": "7"}
+    for bad in ({"max_length": -2}, {"max_length": 5.5}, {"max_length": 0}):
+        with pytest.raises(REFUSED, match="max_length"):
+            impl.encode_example(rec, tok, **bad)
+    for record, says in (({"id": "m", "messages": "what is 1 ?"}, "'m'.*messages"), ({"id": "p", "prompt": 7, "response": "7"}, "'p'.*string"),
+                         ({"id": "u", "messages": [{"role": "user", "content": "1 ?"}]}, "'u'.*assistant")):
+        with pytest.raises(REFUSED, match=says):
+            impl.encode_example(record, tok)
+
+
 def _permute_in_place(t):
     """Swap two distinct entries: same sum, same sum of squares, other content."""
     flat = t.data.view(-1)
@@ -1192,6 +1264,35 @@ def test_refusals_name_the_field_that_changed(tmp_path):
         _ref_collect(model, ex, tmp_path / "a")
 
 
+def test_storage_errors_name_the_file(tmp_path, monkeypatch):
+    """A param_order naming an unknown parameter names it; a truncated identity.json, a full disk or a read-only
+    directory name the file; a finished run is not written again (a read-only output works); two configurations
+    racing for one new directory: the second is told another configuration is there."""
+    model, opt, named = _trainer_setup()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    with pytest.raises(ValueError, match="'lm_head.nope'"):
+        ref.adam_state(model, str(tmp_path / "optimizer.pt"), param_order=[n for n, _ in named][:-1] + ["lm_head.nope"])
+    ex = _examples(4)
+    _ref_collect(model, ex, tmp_path / "a")
+    monkeypatch.setattr(ref, "_write_atomic", lambda *a: pytest.fail("a finished run wrote a file"))
+    monkeypatch.setattr(ref, "_check_identity", lambda *a: None)
+    assert _ref_collect(model, ex, tmp_path / "a").endswith("features.safetensors")
+    monkeypatch.undo()
+    (tmp_path / "a" / "identity.json").write_text('{"grad_')
+    with pytest.raises(ValueError, match="identity.json"):
+        _ref_collect(model, ex, tmp_path / "a")
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="chunk_000000.safetensors.*No space left"):
+        _ref_collect(model, ex, tmp_path / "b")
+    monkeypatch.undo()
+    real_exists = os.path.exists
+    monkeypatch.setattr(ref.os.path, "exists", lambda p: False if str(p).endswith("identity.json") else real_exists(p))
+    ref._check_identity(str(tmp_path / "c"), {"seed": 1})  # both runs see no identity.json; the first one wins
+    with pytest.raises(ValueError, match="another configuration.*seed"):
+        ref._check_identity(str(tmp_path / "c"), {"seed": 2})
+
+
 def test_model_fingerprint_sees_content_not_sums():
     a = _lm()
     fa = ref.model_fingerprint(a)
@@ -1218,10 +1319,16 @@ def test_trainer_state_and_bad_files(tmp_path):
     log = [{"epoch": 0.5, "learning_rate": 2.0}, {"epoch": 1.0, "learning_rate": 1.0}, {"epoch": 1.0, "loss": 3.0},
            {"epoch": 1.5, "learning_rate": 0.5}, {"epoch": 2.0, "learning_rate": 0.25}]
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": log}))
-    assert ref.checkpoint_weights_from_trainer_state(tmp_path / "trainer_state.json") == [1.5, 0.375]
+    assert less_cli.checkpoint_weights_from_trainer_state(tmp_path / "trainer_state.json") == [1.5, 0.375]
     (tmp_path / "bad.json").write_text(json.dumps({"global_step": 3}))
     with pytest.raises(ValueError, match="log_history"):
-        ref.checkpoint_weights_from_trainer_state(tmp_path / "bad.json")
+        less_cli.checkpoint_weights_from_trainer_state(tmp_path / "bad.json")
+    (tmp_path / "gap.json").write_text(json.dumps({"log_history": log[:2] + [{"epoch": 3.0, "learning_rate": 0.1}]}))
+    with pytest.raises(ValueError, match="epoch 2"):  # epoch 2 missing: not silently 2 weights for 3 epochs
+        less_cli.checkpoint_weights_from_trainer_state(tmp_path / "gap.json")
+    (tmp_path / "cut.json").write_text('{"log_history": [')
+    with pytest.raises(ValueError, match="cut.json"):
+        less_cli.checkpoint_weights_from_trainer_state(tmp_path / "cut.json")
 
 
 def test_demo_selects_the_validation_task(tmp_path):
@@ -1326,11 +1433,23 @@ def test_select_step_is_broadcast_so_ranks_agree(tmp_path):
 
 
 def test_read_jsonl_ids_and_bad_lines(tmp_path):
-    (tmp_path / "d.jsonl").write_text('{"id": "q1", "prompt": "1", "response": "2"}\n\n{"prompt": "3", "response": "4"}\n')
-    assert [r["id"] for r in less_cli.read_jsonl(tmp_path / "d.jsonl")] == ["q1", "d.jsonl:3"]
-    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n[1, 2]\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
-        less_cli.read_jsonl(tmp_path / "bad.jsonl")
+    """Default ids come from the record's content, so they follow it through a reordering or an insertion (a
+    repeated record gets -2); bad lines are errors naming file and line."""
+    from cli.common import read_jsonl
+    lines = ['{"id": "q1", "prompt": "1", "response": "2"}', '{"prompt": "3", "response": "4"}',
+             '{"prompt": "5", "response": "6"}', '{"prompt": "3", "response": "4"}']
+    (tmp_path / "d.jsonl").write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")
+    ids = [r["id"] for r in read_jsonl(tmp_path / "d.jsonl")]
+    assert ids[0] == "q1" and len(set(ids)) == 4 and ids[3] == ids[1] + "-2" and ids[1].startswith("rec-")
+    (tmp_path / "e.jsonl").write_text("\n".join(['{"prompt": "0", "response": "0"}', lines[2], lines[1]]) + "\n")
+    moved = {r["prompt"]: r["id"] for r in read_jsonl(tmp_path / "e.jsonl")}
+    assert moved["5"] == ids[2] and moved["3"] == ids[1]
+    for name, text, where in (("bad.jsonl", '{"id": 1}\n[1, 2]\n', "bad.jsonl:2"), ("enc.jsonl", b'{"a": 1}\n{"b": "\xff"}\n', "enc.jsonl:2.*UTF-8"),
+                              ("empty.jsonl", "\n", "empty.jsonl: no records"), ("none.jsonl", None, "none.jsonl: no such file")):
+        if text is not None:
+            (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=where):
+            read_jsonl(tmp_path / name)
 
 
 def test_command_line_collect_match_select(tmp_path):
@@ -1355,13 +1474,36 @@ def test_command_line_collect_match_select(tmp_path):
     less_cli.main(["match", "--train", str(tmp_path / "t" / "features.safetensors"), "--val", str(tmp_path / "v" / "features.safetensors"),
               "--out", str(tmp_path / "scores.jsonl")])
     scores = [json.loads(x) for x in open(tmp_path / "scores.jsonl")]
-    assert [s["id"] for s in scores] == [f"add{i}" for i in range(8)] + [f"train.jsonl:{9 + i}" for i in range(6)]
+    assert [s["id"] for s in scores][:8] == [f"add{i}" for i in range(8)] and len({s["id"] for s in scores}) == 14
     less_cli.main(["select", "--scores", str(tmp_path / "scores.jsonl"), "--data", str(tmp_path / "train.jsonl"), "--k", "3",
               "--out", str(tmp_path / "sel.jsonl")])
     chosen = [json.loads(x)["id"] for x in open(tmp_path / "sel.jsonl")]
     assert chosen == [s["id"] for s in sorted(scores, key=lambda s: -s["score"])[:3]]
     assert chosen[0] in ("add0", "add1"), "a validation example scores highest against itself"
+    # the data reordered after collection (and a record inserted): select still writes the scored records
+    (tmp_path / "moved.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "new", "response": "x"}] + rows[::-1]))
+    less_cli.main(["select", "--scores", str(tmp_path / "scores.jsonl"), "--data", str(tmp_path / "moved.jsonl"), "--k", "14",
+                   "--out", str(tmp_path / "sel2.jsonl")])
+    from cli.common import read_jsonl
+    collected = {r["id"]: r for r in read_jsonl(tmp_path / "train.jsonl")}  # the records as collect saw them
+    picked = [json.loads(x) for x in open(tmp_path / "sel2.jsonl")]
+    assert [r["id"] for r in picked] == [s["id"] for s in sorted(scores, key=lambda s: -s["score"])]
+    assert all(collected[r["id"]] == r for r in picked), "a reordered file gave another record for an id"
+    # a user's mistake: one line, non-zero exit, no traceback
+    sel = ["select", "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "x.jsonl")]
+    for argv, says in ((sel + ["--scores", str(tmp_path / "scores.jsonl"), str(tmp_path / "scores.jsonl"), "--k", "2"], "scored twice"),
+                       (sel + ["--scores", str(tmp_path / "scores.jsonl"), "--fraction", "0.05"], "selects 0 of 14"),
+                       (["match", "--train", str(tmp_path / "nothing.safetensors"), "--val", str(tmp_path / "v" / "features.safetensors"),
+                         "--out", str(tmp_path / "s.jsonl")], "no such feature file")):
+        proc = subprocess.run([sys.executable, "cli/less.py", *argv], capture_output=True, text=True)
+        assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    (tmp_path / "bad_scores.jsonl").write_text('{"id": "add0", "score": "high"}\n')
+    with pytest.raises(ValueError, match="bad_scores.jsonl.*not a number"):
+        less_cli.main(sel + ["--scores", str(tmp_path / "bad_scores.jsonl"), "--k", "1"])
+    with pytest.raises(SystemExit):  # argparse: --max-length must be >= 2
+        less_cli.main(["collect", *common, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "w"), "--max-length", "-3"])
     for args in (["--help"], ["collect", "--help"]):
-        assert subprocess.run([sys.executable, "cli/less.py", *args], capture_output=True).returncode == 0
+        proc = subprocess.run([sys.executable, "cli/less.py", *args], capture_output=True, text=True)
+        assert proc.returncode == 0 and (args == ["--help"] or re.search(r"\(default:\s+8192\)", proc.stdout)), proc.stdout
     bad = subprocess.run([sys.executable, "cli/less.py", "selekt"], capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr

@@ -398,6 +398,36 @@ def test_loss_target_out_of_range_is_error(impl, bad):
 
 
 @pytest.mark.policy
+@pytest.mark.parametrize("case", ["tau as a list", "N = 0", "V = 0", "float target", "chunk_rows = -1"])
+def test_bad_loss_arguments_are_errors(impl, case):
+    """Python lists for tau, an empty batch or vocabulary, float targets, a negative chunk size: a TypeError or
+    ValueError that says what, not an AttributeError, a NaN or a silent empty loop."""
+    z, t, tau, w, kw = torch.randn(3, 5), torch.tensor([0, 1, 2]), torch.tensor([0.0, 0.5]), torch.ones(2), {}
+    if case == "tau as a list":
+        tau = [0.0, 0.5]
+    elif case == "N = 0":
+        z, t = torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)
+    elif case == "V = 0":
+        z = torch.zeros(3, 0)
+    elif case == "float target":
+        t = t.float()
+    else:
+        kw = {"chunk_rows": -1}
+    with pytest.raises(REFUSED):
+        impl.minpp_loss(z, t, tau, w, **kw)
+
+
+@pytest.mark.policy
+def test_a_mean_whose_sum_overflows_float32_is_finite(impl):
+    """Two rows whose losses are ~2e38 each (logits 2e38 apart): the mean is ~2e38, finite, though their float32
+    sum overflows (a crash in the warning path before)."""
+    z, tau = torch.tensor([[0.0, -2e38], [0.0, -2e38]]), torch.tensor([0.0, 0.05, 0.3])
+    loss = impl.minpp_loss(z, torch.tensor([1, 1]), tau, torch.ones(3))
+    expected = 2e38 + math.log(3.0)  # -log q_1 = -(z_1 + log c_1 - log(e^{z_0} 3 + e^{z_1}))
+    assert torch.isfinite(loss) and abs(loss.item() - expected) <= 1e-6 * expected, loss
+
+
+@pytest.mark.policy
 def test_loss_with_no_scored_target_is_error_not_nan(impl):
     with pytest.raises(ValueError):
         impl.minpp_loss(torch.randn(2, 5), torch.tensor([-100, -100]), torch.tensor([0.0]), torch.ones(1))
@@ -945,7 +975,9 @@ def test_sampled_generation_draws_from_the_filtered_distribution(impl, tiny_lm):
 
 @pytest.mark.parametrize("kw", [{"stop_strings": [""]}, {"stop_strings": "ab"}, {"max_new_tokens": 2.5},
                                 {"max_new_tokens": None}, {"max_new_tokens": -1}, {"input_ids": torch.tensor([1, 2])},
-                                {"input_ids": torch.zeros(1, 0, dtype=torch.long)}])
+                                {"input_ids": torch.zeros(1, 0, dtype=torch.long)}, {"input_ids": torch.tensor([[1, 2, 40]])},
+                                {"attention_mask": torch.tensor([[0, 2, 1]])}, {"attention_mask": torch.tensor([[True, False, True]])},
+                                {"attention_mask": [[1, 1, 1]]}], ids=lambda kw: repr(kw)[:40])
 @pytest.mark.policy
 def test_bad_generate_arguments_are_errors(impl, tiny_lm, kw):
     args = dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=3, decode=lambda ids: "x" * len(ids))
@@ -975,7 +1007,7 @@ def test_head_learns_min_p_threshold():
     ref.train_head(head, z, t, steps=300, lr=0.2)
     share = (head.w / head.w.sum()).detach()
     near = (head.tau >= 0.05) & (head.tau <= 0.1)
-    d = ref.head_diagnostics(head, z, t)
+    d = minpp_cli.head_diagnostics(head, z, t)
     assert share[near].sum() > 0.6, dict(zip(head.tau.tolist(), share.tolist()))
     assert d["minpp_ce"] < d["base_ce"] - 0.1, d
 
@@ -1100,6 +1132,10 @@ def test_head_file_with_mismatched_shapes_is_refused(tmp_path):
     save_file({"tau": torch.tensor([0.5, 0.1]), "theta": torch.zeros(2)}, str(tmp_path / "u.safetensors"))
     with pytest.raises(ValueError, match="increasing"):
         ref.MinPPlusHead.load(tmp_path / "u.safetensors")
+    (tmp_path / "t.safetensors").write_bytes((tmp_path / "u.safetensors").read_bytes()[:20])
+    for name in ("t.safetensors", "missing.safetensors"):  # truncated, missing: a ValueError naming the file
+        with pytest.raises(ValueError, match=name):
+            ref.MinPPlusHead.load(tmp_path / name)
 
 
 def test_processor_inside_generate_with_temperature(tiny_lm):
@@ -1193,3 +1229,15 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
         assert subprocess.run([sys.executable, "cli/minpp.py", *args], capture_output=True).returncode == 0
     bad = subprocess.run([sys.executable, "cli/minpp.py", "trian"], capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+    # a user's mistake is one line on stderr and a non-zero exit, found before the model loads
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "long.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    ev = ["eval", "--model", m, "--samplers", "greedy", "--data", str(tmp_path / "d.jsonl")]
+    for argv, says in ((ev + ["--n-samples", "0"], "--n-samples"), (ev + ["--temperatures", "0.7,,1.0"], "--temperatures"),
+                       (ev + ["--batch-size", "0"], "--batch-size"), (ev + ["--samplers", "top_k=abc"], "'top_k=abc'"),
+                       (ev[:-1] + [str(tmp_path / "empty.jsonl")], "no records"), (ev + ["--samplers", "minpp"], "needs --head"),
+                       (["train", "--model", m, "--data", str(tmp_path / "long.jsonl"), "--max-length", "2", "--out",
+                         str(tmp_path / "h2.safetensors")], "--max-length 2"),
+                       (["eval", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "d.jsonl")], "not a directory")):
+        proc = subprocess.run([sys.executable, "cli/minpp.py", *argv], capture_output=True, text=True)
+        assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)

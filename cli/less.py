@@ -4,34 +4,16 @@ Everything here is plumbing around the method in less_ref.py: model loading (a d
 file; a saved or fresh LoRA), JSONL reading, the commands, and an offline demo on a tiny model.
 """
 import json
+import math
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: less_ref
-from less_ref import (Projection, _as_long, _world, checkpoint_weights_from_trainer_state,  # noqa: E402
-                      collect_features, encode_example, match, select_top, trainer_param_order)
-
-
-def read_jsonl(path):
-    """The records of a JSONL file, each with an 'id': its own, or '<file name>:<line number>' (1-based) when
-    absent. A line that is not a JSON object is a ValueError naming the file and line."""
-    out, name = [], os.path.basename(str(path))
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
-            rec.setdefault("id", f"{name}:{n}")
-            out.append(rec)
-    return out
-
+from cli.common import model_dir, parser, positive, read_jsonl, run, subparser, whole  # noqa: E402
+from less_ref import (Projection, _as_long, _world, check_examples, collect_features, encode_example,  # noqa: E402
+                      match, select_top, trainer_param_order)
 
 
 def _task_examples(task, n, g, start_id):
@@ -127,76 +109,116 @@ def demo(workdir=None, proj_dim=2048, seed=0):
     return hit, len(top)
 
 
-def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r=0, lora_targets="q_proj,v_proj"):
-    """(model, tokenizer) from a directory or hub id (gguf_file for a GGUF checkpoint); trainable parameters: a
-    saved peft LoRA adapter, or a fresh LoRA of rank lora_r on lora_targets, or (neither) every parameter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def checkpoint_weights_from_trainer_state(path):
+    """eta_i = mean logged learning rate of epoch i (log entries with epoch in (i - 1, i]) from trainer_state.json."""
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable trainer_state.json ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise ValueError(f"{path} has no 'log_history' list: not a transformers trainer_state.json")
+    log = [e for e in state["log_history"] if isinstance(e, dict) and "learning_rate" in e and "epoch" in e]
+    if not log:
+        raise ValueError(f"{path} has no log entry with both 'learning_rate' and 'epoch'")
+    by_epoch = {}
+    for e in log:
+        by_epoch.setdefault(max(1, math.ceil(e["epoch"] - 1e-9)), []).append(e["learning_rate"])
+    missing = sorted(set(range(1, max(by_epoch) + 1)) - set(by_epoch))
+    if missing:
+        raise ValueError(f"{path}: no learning rate logged in epoch {missing[0]} (epochs {sorted(by_epoch)} have one): "
+                         "each warm-up epoch needs its weight; pass --weights instead")
+    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
 
+
+def load_tokenizer(model, gguf_file=None):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r=0, lora_targets="q_proj,v_proj"):
+    """A causal LM from a local directory (gguf_file for a GGUF checkpoint); trainable parameters: a saved peft
+    LoRA adapter, or a fresh LoRA of rank lora_r on lora_targets, or (neither) every parameter."""
+    from transformers import AutoModelForCausalLM
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(model, **kw)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kw)
     if lora_adapter:
         from peft import PeftModel
-
         lm = PeftModel.from_pretrained(lm, lora_adapter, is_trainable=True)
     elif lora_r:
         from peft import LoraConfig, get_peft_model
-
         lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                            target_modules=lora_targets.split(",")))
-    return lm, tok
+    return lm
+
+
+def _scores(paths):
+    """(ids, scores) of match's JSONL files; a missing or non-numeric score or an id scored twice is an error."""
+    ids, scores, where = [], [], {}
+    for path in paths:
+        for n, r in enumerate(read_jsonl(path, need=("id", "score")), 1):
+            score = r["score"]
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
+                raise ValueError(f"{path}: record {n} (id {r['id']!r}): score {score!r} is not a number")
+            if r["id"] in where:
+                raise ValueError(f"id {r['id']!r} is scored twice ({where[r['id']]} and {path}): give each scores file once")
+            where[r["id"]] = path
+            ids.append(r["id"])
+            scores.append(float(score))
+    return ids, scores
 
 
 def main(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="cli/less.py", description="LESS gradient-feature data selection.")
+    ap = parser("cli/less.py", "LESS gradient-feature data selection.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("collect", help="per-example features of a JSONL file (runs under torchrun unchanged)")
-    c.add_argument("--model", required=True, help="model directory or hub id")
-    c.add_argument("--gguf-file", help="GGUF file inside --model")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c = subparser(sub, "collect", "per-example features of a JSONL file (runs under torchrun unchanged)")
+    c.add_argument("--model", required=True, type=model_dir, help="a local model directory")
+    c.add_argument("--gguf-file", help="a GGUF checkpoint inside --model (read dequantised to float32)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     c.add_argument("--lora-adapter", help="a saved peft LoRA adapter: its parameters are the gradient's")
-    c.add_argument("--lora-r", type=int, default=0, help="else a fresh LoRA of this rank (0: every parameter)")
-    c.add_argument("--lora-targets", default="q_proj,v_proj")
+    c.add_argument("--lora-r", type=whole(0), default=0, help="else a fresh LoRA of this rank (0: every parameter)")
+    c.add_argument("--lora-targets", default="q_proj,v_proj", help="modules a fresh LoRA adapts")
     c.add_argument("--data", required=True, help="JSONL: prompt/response or messages records (id optional)")
     c.add_argument("--out", required=True, help="output directory (features.safetensors when done)")
-    c.add_argument("--grad-type", default="adam", choices=["adam", "sgd", "sign"])
+    c.add_argument("--grad-type", default="adam", choices=["adam", "sgd", "sign"],
+                   help="adam for training data (needs --optimizer-state), sgd for validation data")
     c.add_argument("--optimizer-state", help="optimizer.pt (Trainer) or optimizer.bin (FSDP) of the checkpoint")
-    c.add_argument("--proj-dim", type=int, default=8192)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--kind", default="rademacher", choices=["rademacher", "sjlt"])
+    c.add_argument("--proj-dim", type=whole(1), default=8192, help="projected dimension k")
+    c.add_argument("--seed", type=whole(0), default=0, help="projection seed (train and val must share it)")
+    c.add_argument("--kind", default="rademacher", choices=["rademacher", "sjlt"],
+                   help="projection: dense Rademacher (the paper's) or sparse JL (train and val must share it)")
     c.add_argument("--checkpoint", default="", help="a name recorded with the features (e.g. checkpoint-1)")
-    c.add_argument("--max-length", type=int, default=2048)
-    c.add_argument("--batch-size", type=int, default=8)
-    m = sub.add_parser("match", help="scores of train examples against validation examples")
+    c.add_argument("--max-length", type=whole(2), default=2048, help="tokens per record (longer ones are cut)")
+    c.add_argument("--batch-size", type=whole(1), default=8, help="examples per gradient batch")
+    m = subparser(sub, "match", "scores of train examples against validation examples")
     m.add_argument("--train", nargs="+", required=True, help="train features.safetensors, one per checkpoint")
     m.add_argument("--val", nargs="+", required=True, help="validation features.safetensors, same checkpoints")
-    m.add_argument("--weights", nargs="+", type=float, help="checkpoint weights (default: uniform)")
-    m.add_argument("--trainer-state", help="or: derive them from this trainer_state.json")
-    m.add_argument("--n-subtasks", type=int, default=1)
+    m.add_argument("--weights", nargs="+", type=positive, help="checkpoint weights (default: uniform)")
+    m.add_argument("--trainer-state", help="or: the mean learning rate per epoch from this trainer_state.json")
+    m.add_argument("--n-subtasks", type=whole(1), default=1, help="validation subtasks (mean within, max over)")
     m.add_argument("--out", required=True, help="JSONL of {id, score}")
-    s = sub.add_parser("select", help="write the top-scoring records, in score order")
+    s = subparser(sub, "select", "write the top-scoring records, in score order")
     s.add_argument("--scores", nargs="+", required=True, help="JSONL files written by match")
     s.add_argument("--data", nargs="+", required=True, help="the JSONL files the train features came from")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--fraction", type=float)
-    g.add_argument("--k", type=int)
-    s.add_argument("--out", required=True)
-    sub.add_parser("demo", help="an offline end-to-end run on a tiny model")
+    g.add_argument("--fraction", type=positive, help="the top fraction of all scored records (LESS: 0.05)")
+    g.add_argument("--k", type=whole(1), help="or the top k records")
+    s.add_argument("--out", required=True, help="JSONL of the selected records")
+    subparser(sub, "demo", "an offline end-to-end run on a tiny model")
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         return demo()
     if a.cmd == "collect":
         if "RANK" in os.environ:  # torchrun
             import torch.distributed as dist
-
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        model, tok = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        tok = load_tokenizer(a.model, a.gguf_file)  # data are read and checked before the model loads
         examples = [encode_example(r, tok, a.max_length) for r in read_jsonl(a.data)]
+        check_examples(examples, len(tok))
+        model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
         path = collect_features(model, examples, a.out, a.grad_type, a.optimizer_state,
                                 Projection(a.proj_dim, a.seed, a.kind), a.checkpoint, batch_size=a.batch_size)
         if _world()[0] == 0:
@@ -210,11 +232,9 @@ def main(argv=None):
                 f.write(json.dumps({"id": i, "score": sc}) + "\n")
         print(f"{len(ids)} scores -> {a.out}")
         return
-    ids, scores = [], []
-    for path in a.scores:
-        for r in read_jsonl(path):
-            ids.append(r["id"])
-            scores.append(float(r["score"]))
+    if a.fraction is not None and not a.fraction <= 1:
+        raise ValueError(f"--fraction {a.fraction} must be in (0, 1]")
+    ids, scores = _scores(a.scores)
     records = {}
     for path in a.data:
         for r in read_jsonl(path):
@@ -223,8 +243,13 @@ def main(argv=None):
             records[r["id"]] = r
     missing = [i for i in ids if i not in records]
     if missing:
-        raise ValueError(f"{len(missing)} scored ids are in none of {a.data}, e.g. {missing[:3]}")
-    top = select_top(torch.tensor(scores, dtype=torch.float64), a.fraction, a.k)
+        raise ValueError(f"{len(missing)} scored ids are in none of {a.data}, e.g. {missing[:3]}: the data changed "
+                         "since collect, or another file was given")
+    k = a.k if a.k is not None else int(a.fraction * len(ids))
+    if not 1 <= k <= len(ids):
+        raise ValueError(f"{'--k ' + str(a.k) if a.k is not None else '--fraction ' + str(a.fraction)} selects {k} "
+                         f"of {len(ids)} scored records: choose between 1 and {len(ids)}")
+    top = select_top(torch.tensor(scores, dtype=torch.float64), k=k)
     with open(a.out, "w") as f:
         for i in top.tolist():
             f.write(json.dumps(records[ids[i]]) + "\n")
@@ -232,4 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,7 +4,6 @@ Plumbing around the method in minpp_ref.py: model loading (a directory, a hub id
 prompt/answer records, GSM8K answer checking ("#### N", compared as numbers), the commands, and an offline
 demo on a tiny model.
 """
-import json
 import os
 import re
 import sys
@@ -14,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: minpp_ref
-from minpp_ref import (MinPPlusHead, answer_logits, apply_min_p, apply_temperature, generate,  # noqa: E402
-                       head_diagnostics, train_head)
+from cli.common import model_dir, parser, positive, positives, read_jsonl, run, subparser, whole  # noqa: E402
+from minpp_ref import (MinPPlusHead, answer_logits, apply_min_p, apply_temperature, generate, minpp_logits,  # noqa: E402
+                       train_head, weight_entropy)
 
 
 def extract_answer(text):
@@ -82,9 +82,20 @@ def demo(p_base=0.1, seed=0):
         print(f"{method:7s}", generate(model, prompt, 12, method=method, generator=g, **kw)[0])
 
 
+def head_diagnostics(head, logits, target, min_share=1e-3):
+    """Base CE vs MinP+ CE, H(pi), the number of active thresholds (weight share >= min_share) and the mean
+    fraction of the vocabulary they keep (c > 0): what sampling with the pruned head would keep."""
+    with torch.no_grad():
+        tau, w = head.active(min_share)
+        return {"base_ce": F.cross_entropy(logits.float(), target).item(),
+                "minpp_ce": F.cross_entropy(head.forward_logits(logits), target).item(),
+                "weight_entropy": weight_entropy(head.w).item(), "active": int(tau.numel()),
+                "kept_fraction": torch.isfinite(minpp_logits(logits, tau, w)).float().mean().item()}
+
+
+
 def _load(model, gguf_file=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(model, **kw)
     tok.padding_side = "left"
@@ -101,22 +112,23 @@ def _prompt_text(tok, prompt):
 
 
 def _records(path):
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for n, r in enumerate(rows, 1):
-        if not isinstance(r, dict) or "prompt" not in r or "answer" not in r:
-            raise ValueError(f"{path}: record {n} needs 'prompt' and 'answer' (GSM8K style: '... #### 42')")
+    rows = read_jsonl(path, need=("prompt", "answer"))
+    for r in rows:
+        if not (isinstance(r["prompt"], str) and isinstance(r["answer"], str)):
+            raise ValueError(f"{path}: record {r['id']}: prompt and answer must be strings (GSM8K style: '... #### 42')")
     return rows
 
 
 def _answer_data(model, tok, rows, max_length):
     """Frozen logits at the answer tokens of every record (prompt as the model sees it, answer + eos): (n, V)."""
     from tqdm import tqdm
-
     zs, ts = [], []
-    for r in tqdm(rows, desc="answer logits"):
+    for r in tqdm(rows, desc="answer logits", disable=None):
         p = tok(_prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
         a = tok(r["answer"] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+        if len(p) >= max_length:
+            raise ValueError(f"record {r['id']}: its prompt is {len(p)} tokens, so no answer token fits in "
+                             f"--max-length {max_length}; raise it or drop the record")
         ids = torch.tensor([(p + a)[:max_length]])
         labels = torch.tensor([([-100] * len(p) + a)[:max_length]])
         z, t = answer_logits(model, ids, labels)
@@ -136,51 +148,60 @@ def _sampler(spec, head):
         return {"method": "minpp", "minpp": (head.tau, head.w.detach())}
     if name not in ("none", "top_k", "top_p", "min_p") or (name != "none") != bool(value):
         raise ValueError(f"sampler {spec!r}: use greedy, none, top_k=K, top_p=P, min_p=P or minpp")
-    return {"method": name, **({name: int(value) if name == "top_k" else float(value)} if value else {})}
+    try:
+        v = int(value) if name == "top_k" else float(value) if value else None
+    except ValueError:
+        raise ValueError(f"sampler {spec!r}: {value!r} is not a {'whole number' if name == 'top_k' else 'number'}") from None
+    if v is not None and not (v >= 1 if name == "top_k" else 0 < v <= 1 if name == "top_p" else 0 <= v <= 1):
+        raise ValueError(f"sampler {spec!r}: {'K >= 1' if name == 'top_k' else 'P in (0, 1]' if name == 'top_p' else 'P in [0, 1]'}")
+    return {"method": name, **({name: v} if value else {})}
 
 
 def main(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="cli/minpp.py", description="MinP+ heads: train, evaluate, generate.")
+    ap = parser("cli/minpp.py", "MinP+ heads: train, evaluate, generate.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="fit a head on a frozen model's distributions at reference answers")
-    e = sub.add_parser("eval", help="GSM8K-style accuracy per sampler and temperature")
-    g = sub.add_parser("generate", help="continue one prompt")
+    t = subparser(sub, "train", "fit a head on a frozen model's distributions at reference answers")
+    e = subparser(sub, "eval", "GSM8K-style accuracy per sampler and temperature")
+    g = subparser(sub, "generate", "continue one prompt")
     for p in (t, e, g):
-        p.add_argument("--model", required=True, help="model directory or hub id")
-        p.add_argument("--gguf-file", help="GGUF file inside --model")
-    t.add_argument("--data", required=True, help="JSONL of {prompt, answer}")
-    t.add_argument("--K", type=int, default=32)
-    t.add_argument("--grid", default="log", choices=["log", "linear"])
-    t.add_argument("--tau-min", type=float, default=1e-3)
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--reg", default="entropy", choices=["entropy", "l1"])
-    t.add_argument("--lam", type=float, default=0.0, help="lam > 0 sharpens (fewer active thresholds)")
-    t.add_argument("--temperature", type=float, default=1.0)
-    t.add_argument("--max-length", type=int, default=1024)
+        p.add_argument("--model", required=True, type=model_dir, help="a local model directory")
+        p.add_argument("--gguf-file", help="a GGUF checkpoint inside --model (read dequantised to float32)")
+    t.add_argument("--data", required=True, help="JSONL of {prompt, answer} records")
+    t.add_argument("--K", type=whole(2), default=32, help="number of thresholds (tau = 0 is one of them)")
+    t.add_argument("--grid", default="log", choices=["log", "linear"], help="threshold spacing")
+    t.add_argument("--tau-min", type=positive, default=1e-3, help="smallest positive threshold of the log grid")
+    t.add_argument("--steps", type=whole(1), default=300, help="Adam steps")
+    t.add_argument("--lr", type=positive, default=0.1, help="Adam learning rate")
+    t.add_argument("--reg", default="entropy", choices=["entropy", "l1"], help="regulariser of the weights")
+    t.add_argument("--lam", type=float, default=0.0, help="regulariser weight: > 0 sharpens (fewer active thresholds)")
+    t.add_argument("--temperature", type=positive, default=1.0, help="temperature the head is trained at")
+    t.add_argument("--max-length", type=whole(2), default=1024, help="tokens per record (prompt + answer)")
     t.add_argument("--out", required=True, help="head.safetensors (and its .jsonl export beside it)")
     e.add_argument("--data", required=True, help="JSONL of {prompt, answer}; answers end in '#### N'")
     e.add_argument("--head", help="a trained head (for the minpp sampler)")
-    e.add_argument("--samplers", default="greedy,top_p=0.9,min_p=0.1,minpp")
-    e.add_argument("--temperatures", default="0.7,1.0,1.5")
-    e.add_argument("--n-samples", type=int, default=1)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--samplers", default="greedy,top_p=0.9,min_p=0.1,minpp",
+                   help="comma-separated: greedy, none, top_k=K, top_p=P, min_p=P, minpp")
+    e.add_argument("--temperatures", type=positives, default="0.7,1.0,1.5", help="comma-separated, each > 0")
+    e.add_argument("--n-samples", type=whole(1), default=1, help="samples per problem and sampler")
+    e.add_argument("--batch-size", type=whole(1), default=8, help="prompts per batch (left-padded)")
     for p in (e, g):
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--seed", type=int, default=0)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--sampler", default="greedy")
-    g.add_argument("--head")
-    g.add_argument("--temperature", type=float, default=1.0)
-    sub.add_parser("demo", help="an offline end-to-end run on a tiny model")
+        p.add_argument("--max-new-tokens", type=whole(1), default=256, help="new tokens per answer")
+        p.add_argument("--seed", type=whole(0), default=0, help="seed of the sampling generator")
+    g.add_argument("--prompt", required=True, help="the user's message")
+    g.add_argument("--sampler", default="greedy", help="greedy, none, top_k=K, top_p=P, min_p=P or minpp")
+    g.add_argument("--head", help="a trained head (for the minpp sampler)")
+    g.add_argument("--temperature", type=positive, default=1.0, help="sampling temperature")
+    subparser(sub, "demo", "an offline end-to-end run on a tiny model")
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         return demo()
+    head = MinPPlusHead.load(a.head) if getattr(a, "head", None) else None  # arguments and data before the model
+    specs = {s: _sampler(s, head) for s in (a.samplers.split(",") if a.cmd == "eval" else [getattr(a, "sampler", "")])
+             if a.cmd != "train"}
+    rows = _records(a.data) if a.cmd != "generate" else None
     model, tok = _load(a.model, a.gguf_file)
     if a.cmd == "train":
-        z, target = _answer_data(model, tok, _records(a.data), a.max_length)
+        z, target = _answer_data(model, tok, rows, a.max_length)
         head = MinPPlusHead(K=a.K, grid=a.grid, tau_min=a.tau_min)
         train_head(head, z, target, steps=a.steps, lr=a.lr, reg=a.reg, lam=a.lam, temperature=a.temperature,
                    log_every=max(1, a.steps // 10))
@@ -191,29 +212,25 @@ def main(argv=None):
         head.export_jsonl(os.path.splitext(a.out)[0] + ".jsonl")
         print(f"head -> {a.out}")
         return
-    head = MinPPlusHead.load(a.head) if a.head else None
     g_ = torch.Generator().manual_seed(a.seed)
     if a.cmd == "generate":
         enc = tok([_prompt_text(tok, a.prompt)], return_tensors="pt", add_special_tokens=False)
         out = generate(model, enc.input_ids, a.max_new_tokens, temperature=a.temperature, attention_mask=enc.attention_mask,
-                       eos_token_id=tok.eos_token_id, generator=g_, **_sampler(a.sampler, head))
+                       eos_token_id=tok.eos_token_id, generator=g_, **specs[a.sampler])
         print(tok.decode(out[0], skip_special_tokens=True))
         return
-    rows = _records(a.data)
-    samplers, temps = a.samplers.split(","), [float(x) for x in a.temperatures.split(",")]
     from tqdm import tqdm
-
     table = {}
-    for spec in samplers:
-        for T in temps if spec != "greedy" else temps[:1]:
+    for spec, kw in specs.items():
+        for T in a.temperatures if spec != "greedy" else a.temperatures[:1]:
             right = 0
-            for b in tqdm(range(0, len(rows), a.batch_size), desc=f"{spec} T={T}", leave=False):
+            for b in tqdm(range(0, len(rows), a.batch_size), desc=f"{spec} T={T}", leave=False, disable=None):
                 batch = rows[b:b + a.batch_size]
                 enc = tok([_prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
                           add_special_tokens=False)
                 for _ in range(a.n_samples if spec != "greedy" else 1):
                     outs = generate(model, enc.input_ids, a.max_new_tokens, temperature=T, attention_mask=enc.attention_mask,
-                                    eos_token_id=tok.eos_token_id, generator=g_, **_sampler(spec, head))
+                                    eos_token_id=tok.eos_token_id, generator=g_, **kw)
                     right += sum(answers_match(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, r in zip(outs, batch))
             n = len(rows) * (a.n_samples if spec != "greedy" else 1)
             table[spec, T] = right / n
@@ -222,4 +239,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -66,7 +66,7 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
     "M21": ("minpp_ref", "loss fast path: the candidate margin on the wrong side (tokens just above tau_min dropped)",
             "return n0, z >= m + (log_tau[n0] - 1e-3)", "return n0, z >= m + (log_tau[n0] + 1e-3)"),
     "M22": ("less_ref", "data fingerprint without the labels (another label mask is resumed)",
-            ', _as_long(ex["labels"]).tolist()]).encode()', "]).encode()"),
+            ', _as_long(e["labels"]).tolist()]).encode()', "]).encode()"),
     "M23": ("less_ref", "projection identity without sjlt's s (features of another s are mixed)",
             "return dict(ident, sjlt_s=self.s) if self.kind == \"sjlt\" else ident", "return ident"),
     "M24": ("less_ref", "match does not compare the model (features of two base models are scored together)",
