@@ -194,7 +194,11 @@ class Projection(NamedTuple):
 def _normalise_rows(x, what):
     """x / |x| per row in float32, divided by the row's max |entry| first so that norms of rows with 1e20 or
     1e-30 entries neither overflow nor underflow. A zero or non-finite row is an error naming it."""
-    x = _check_directions(x.float(), what)
+    x = x.float()
+    bad, zero = ~torch.isfinite(x).all(-1), (x == 0).all(-1)
+    if bad.any() or zero.any():
+        i = (bad | zero).nonzero()[0].item()
+        raise ValueError(f"{what} row {i} " + ("has a non-finite entry" if bad[i] else "is all zeros: it has no direction"))
     x = x / x.abs().amax(-1, keepdim=True)
     return x / x.norm(dim=-1, keepdim=True)
 
@@ -445,9 +449,14 @@ def _check_identity(out_dir, identity):
         os.makedirs(out_dir, exist_ok=True)
         with open(f"{id_path}.tmp{os.getpid()}", "w") as f:
             json.dump(identity, f)
-        with contextlib.suppress(FileExistsError):  # another run created it first: compared below like any
-            os.link(f.name, id_path)
-        os.remove(f.name)
+        try:
+            os.link(f.name, id_path)  # atomic and exclusive: a file another run created first is compared below
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links: atomic, not exclusive
+            os.replace(f.name, id_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f.name)
     try:
         with open(id_path) as f:
             old = json.load(f)
@@ -713,17 +722,6 @@ def _check_influence_inputs(train, val, checkpoint_weights, n_subtasks):
     if M % n_subtasks:
         raise ValueError(f"n_subtasks={n_subtasks} does not divide the {M} validation examples into equal subtasks")
     return (eta / eta.sum()).tolist(), M
-
-
-def _check_directions(x, what):
-    """x, after checking that every row is finite and not all zeros (a zero row has no direction)."""
-    bad = ~torch.isfinite(x).all(-1)
-    if bad.any():
-        raise ValueError(f"{what} row {bad.nonzero()[0].item()} has a non-finite entry")
-    zero = (x == 0).all(-1)
-    if zero.any():
-        raise ValueError(f"{what} row {zero.nonzero()[0].item()} is all zeros: it has no direction")
-    return x
 
 
 def _check_selection(scores, fraction, k):

@@ -1291,6 +1291,10 @@ def test_storage_errors_name_the_file(tmp_path, monkeypatch):
     ref._check_identity(str(tmp_path / "c"), {"seed": 1})  # both runs see no identity.json; the first one wins
     with pytest.raises(ValueError, match="another configuration.*seed"):
         ref._check_identity(str(tmp_path / "c"), {"seed": 2})
+    monkeypatch.undo()
+    monkeypatch.setattr(ref.os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "no hard links here")))
+    ref._check_identity(str(tmp_path / "d"), {"seed": 1})  # a filesystem without hard links still works
+    assert json.loads((tmp_path / "d" / "identity.json").read_text()) == {"seed": 1} and os.listdir(tmp_path / "d") == ["identity.json"]
 
 
 def test_model_fingerprint_sees_content_not_sums():
