@@ -1474,7 +1474,7 @@ def test_command_line_collect_match_select(tmp_path):
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     common = ["--model", str(tmp_path / "m"), "--grad-type", "sgd", "--proj-dim", "64", "--checkpoint", "ck"]
     less_cli.main(["collect", *common, "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "t")])
-    less_cli.main(["collect", *common, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "v")])
+    less_cli.main(["collect", *common, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "v"), "--method", "loop"])
     less_cli.main(["match", "--train", str(tmp_path / "t" / "features.safetensors"), "--val", str(tmp_path / "v" / "features.safetensors"),
               "--out", str(tmp_path / "scores.jsonl")])
     scores = [json.loads(x) for x in open(tmp_path / "scores.jsonl")]

@@ -190,6 +190,8 @@ def main(argv=None):
     c.add_argument("--checkpoint", default="", help="a name recorded with the features (e.g. checkpoint-1)")
     c.add_argument("--max-length", type=whole(2), default=2048, help="tokens per record (longer ones are cut)")
     c.add_argument("--batch-size", type=whole(1), default=8, help="examples per gradient batch")
+    c.add_argument("--method", default="vmap", choices=["vmap", "loop"],
+                   help="per-example gradients batched with torch.func, or one backward per example (often faster on CPU)")
     m = subparser(sub, "match", "scores of train examples against validation examples")
     m.add_argument("--train", nargs="+", required=True, help="train features.safetensors, one per checkpoint")
     m.add_argument("--val", nargs="+", required=True, help="validation features.safetensors, same checkpoints")
@@ -220,7 +222,8 @@ def main(argv=None):
         model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         path = collect_features(model, examples, a.out, a.grad_type, a.optimizer_state,
-                                Projection(a.proj_dim, a.seed, a.kind), a.checkpoint, batch_size=a.batch_size)
+                                Projection(a.proj_dim, a.seed, a.kind), a.checkpoint, batch_size=a.batch_size,
+                                method=a.method)
         if _world()[0] == 0:
             print(f"{len(examples)} examples -> {path}")
         return
