@@ -294,10 +294,11 @@ def _state_by_name(source, model, param_order):
         stripped = {strip(k): v for k, v in state.items()}
         return {n: state.get(n, stripped.get(strip(n))) for n, _ in trainable_parameters(model)}
     sizes = [len(g["params"]) for g in sd["param_groups"]]
-    if param_order is None and [s for s in sizes if s] != [s for s in trainer_param_order(model)[1] if s]:
-        raise ValueError(f"{source}: param_groups sizes {sizes} do not match a Trainer's decay/no-decay grouping of "
-                         f"this model's trainable parameters {trainer_param_order(model)[1]}; pass param_order")
-    param_order = trainer_param_order(model)[0] if param_order is None else param_order  # Trainer: decay group first
+    if param_order is None:  # keyed by index in param_groups order: a Trainer's decay group first
+        param_order, trainer_sizes = trainer_param_order(model)
+        if [s for s in sizes if s] != [s for s in trainer_sizes if s]:
+            raise ValueError(f"{source}: param_groups sizes {sizes} do not match a Trainer's decay/no-decay grouping of "
+                             f"this model's trainable parameters {trainer_sizes}; pass param_order")
     unknown = set(param_order) - set(dict(trainable_parameters(model)))
     if unknown:
         raise ValueError(f"param_order names {sorted(unknown)[:3]}, not trainable parameters of the model")
