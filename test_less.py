@@ -1456,18 +1456,23 @@ def test_read_jsonl_ids_and_bad_lines(tmp_path):
             read_jsonl(tmp_path / name)
 
 
-def test_command_line_collect_match_select(tmp_path):
-    """The three LESS scripts as commands, on a model directory and JSONL files: selected records in score order."""
-    import subprocess
-    import sys
-
+def _tiny_model_dir(path):
+    """A one-layer Llama and the word tokenizer saved as a model directory (what --model reads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _word_tokenizer()
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_command_line_collect_match_select(tmp_path):
+    """The three LESS scripts as commands, on a model directory and JSONL files: selected records in score order."""
+    import subprocess
+    import sys
+
+    _tiny_model_dir(tmp_path / "m")
     rows = [{"id": f"add{i}", "prompt": f"what is {i} + {i} ?", "response": f"{2 * i} #### {2 * i}"} for i in range(8)] + \
         [{"messages": [{"role": "user", "content": f"{i} ?"}, {"role": "assistant", "content": f"the answer is {i}"}]} for i in range(6)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -1511,3 +1516,73 @@ def test_command_line_collect_match_select(tmp_path):
         assert proc.returncode == 0 and (args == ["--help"] or re.search(r"\(default:\s+8192\)", proc.stdout)), proc.stdout
     bad = subprocess.run([sys.executable, "cli/less.py", "selekt"], capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
+def test_command_line_warmup_collect_match_select(tmp_path):
+    """LESS from the command line on a user's data, as the README's real-model section runs it: warmup (a peft LoRA
+    trained by transformers' Trainer, a checkpoint per epoch) -> collect (adam on train, sgd on val, per checkpoint)
+    -> match (weights from the Trainer's logged learning rates) -> select."""
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from cli.common import read_jsonl
+
+    _tiny_model_dir(tmp_path / "m")
+    rows = [{"id": f"add{i}", "prompt": f"what is {i} + {i} ?", "response": f"{2 * i} #### {2 * i}"} for i in range(10)] + \
+        [{"id": f"say{i}", "messages": [{"role": "user", "content": f"{i} ?"}, {"role": "assistant", "content": f"the answer is {i}"}]}
+         for i in range(10)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    ckpts = less_cli.main(["warmup", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "train.jsonl"),
+                           "--out", str(tmp_path / "warm"), "--fraction", "0.5", "--epochs", "2", "--grad-accum", "2",
+                           "--lr", "1e-2", "--lora-r", "4", "--lora-targets", "q_proj,v_proj"])
+    warm = [r["id"] for r in read_jsonl(tmp_path / "warm" / "warmup.jsonl")]
+    assert len(warm) == 10 == len(set(warm)) and set(warm) <= {r["id"] for r in rows}
+    assert [os.path.basename(c) for c in ckpts] == ["checkpoint-5", "checkpoint-10"], "10 records, 2 per step, 2 epochs"
+    for c in ckpts:
+        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json"} <= set(os.listdir(c))
+    log = json.load(open(os.path.join(ckpts[-1], "trainer_state.json")))["log_history"]
+    lrs = [e["learning_rate"] for e in log if "learning_rate" in e]
+    assert len(lrs) == 10 and lrs[1:] == sorted(lrs[1:], reverse=True) and max(lrs) <= 1e-2, "warm-up, linear decay"
+    common = ["--model", str(tmp_path / "m"), "--proj-dim", "64", "--kind", "sjlt", "--method", "loop"]
+    for e, c in enumerate(ckpts, 1):
+        name = os.path.basename(c)
+        less_cli.main(["collect", *common, "--lora-adapter", c, "--data", str(tmp_path / "train.jsonl"), "--grad-type", "adam",
+                       "--optimizer-state", os.path.join(c, "optimizer.pt"), "--checkpoint", name, "--out", str(tmp_path / f"t{e}")])
+        less_cli.main(["collect", *common, "--lora-adapter", c, "--data", str(tmp_path / "val.jsonl"), "--grad-type", "sgd",
+                       "--checkpoint", name, "--out", str(tmp_path / f"v{e}")])
+    less_cli.main(["match", "--train", *(str(tmp_path / f"t{e}" / "features.safetensors") for e in (1, 2)),
+                   "--val", *(str(tmp_path / f"v{e}" / "features.safetensors") for e in (1, 2)),
+                   "--trainer-state", os.path.join(ckpts[-1], "trainer_state.json"), "--out", str(tmp_path / "scores.jsonl")])
+    scores = [json.loads(x) for x in open(tmp_path / "scores.jsonl")]
+    # independent: the weighted mean over checkpoints of the mean cosine with the validation rows, in float64
+    eta = [sum(v) / len(v) for v in ([e["learning_rate"] for e in log if "learning_rate" in e and math.ceil(e["epoch"] - 1e-9) == k]
+                                     for k in (1, 2))]
+    want = 0
+    for e, w in zip((1, 2), eta):
+        tr, tr_ids = less_ref_load(tmp_path / f"t{e}")
+        va, _ = less_ref_load(tmp_path / f"v{e}")
+        tr, va = (x.double() / x.double().norm(dim=1, keepdim=True) for x in (tr, va))
+        want = want + w * (tr @ va.T).mean(1)
+    want = want / sum(eta)
+    assert [s["id"] for s in scores] == tr_ids == [r["id"] for r in rows]
+    torch.testing.assert_close(torch.tensor([s["score"] for s in scores], dtype=torch.float64), want, rtol=1e-5, atol=1e-6)
+    less_cli.main(["select", "--scores", str(tmp_path / "scores.jsonl"), "--data", str(tmp_path / "train.jsonl"),
+                   "--fraction", "0.1", "--out", str(tmp_path / "sel.jsonl")])
+    chosen = [r["id"] for r in read_jsonl(tmp_path / "sel.jsonl")]
+    assert chosen == [rows[i]["id"] for i in want.argsort(descending=True)[:2].tolist()]
+    # a fresh LoRA (--lora-r) is the same in every process, so a re-run is the same model; it has no Adam moments
+    for out in ("f1", "f2"):
+        less_cli.main(["collect", *common, "--lora-r", "2", "--data", str(tmp_path / "val.jsonl"), "--grad-type", "sgd",
+                       "--checkpoint", "fresh", "--out", str(tmp_path / out)])
+    torch.testing.assert_close(less_ref_load(tmp_path / "f1")[0], less_ref_load(tmp_path / "f2")[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no Adam moments"):
+        less_cli.main(["collect", *common, "--lora-r", "2", "--data", str(tmp_path / "val.jsonl"), "--grad-type", "adam",
+                       "--optimizer-state", os.path.join(ckpts[0], "optimizer.pt"), "--out", str(tmp_path / "f3")])
+
+
+def less_ref_load(out_dir):
+    """(features, ids) of a finished collect directory, read with safetensors alone (not through the code under test)."""
+    from safetensors import safe_open
+    with safe_open(str(out_dir / "features.safetensors"), "pt") as f:
+        meta = f.metadata()
+        return f.get_tensor("features"), json.loads(meta["ids"])

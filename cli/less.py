@@ -1,4 +1,4 @@
-"""Command-line tools for less_ref: collect, match, select, demo. `python cli/less.py --help`.
+"""Command-line tools for less_ref: warmup, collect, match, select, demo. `python cli/less.py --help`.
 
 Everything here is plumbing around the method in less_ref.py: model loading (a directory, a hub id or a GGUF
 file; a saved or fresh LoRA), JSONL reading, the commands, and an offline demo on a tiny model.
@@ -138,7 +138,9 @@ def load_tokenizer(model, gguf_file=None):
 
 def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r=0, lora_targets="q_proj,v_proj"):
     """A causal LM from a local directory (gguf_file for a GGUF checkpoint); trainable parameters: a saved peft
-    LoRA adapter, or a fresh LoRA of rank lora_r on lora_targets, or (neither) every parameter."""
+    LoRA adapter, or a fresh LoRA of rank lora_r on lora_targets, or (neither) every parameter. A fresh LoRA is
+    built under torch.manual_seed(0), so every process (every rank, every re-run) builds the same adapter and the
+    model fingerprint matches across them."""
     from transformers import AutoModelForCausalLM
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kw)
@@ -147,9 +149,81 @@ def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r
         lm = PeftModel.from_pretrained(lm, lora_adapter, is_trainable=True)
     elif lora_r:
         from peft import LoraConfig, get_peft_model
-        lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
-                                           target_modules=lora_targets.split(",")))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                               target_modules=lora_targets.split(",")))
     return lm
+
+
+def plain_model_dir(model, gguf_file, out):
+    """transformers' Trainer refuses a GGUF-quantised model: read it once, dequantised to float32, and save it with its
+    tokenizer as the plain model directory out/base-model (reused when it is there). A plain directory is returned as
+    it is."""
+    if not gguf_file:
+        return model
+    base = os.path.join(out, "base-model")
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        from transformers import AutoModelForCausalLM
+        lm = load_model(model, gguf_file)  # its weights are plain float32, but it is flagged as quantised: copy them
+        config = lm.config
+        for k in ("quantization_config", "_pre_quantization_dtype"):
+            config.__dict__.pop(k, None)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(lm.state_dict())
+        load_tokenizer(model, gguf_file).save_pretrained(base)
+        plain.save_pretrained(base)
+    return base
+
+
+def train_lora(base, examples, out, epochs=4, lr=2e-5, batch_size=1, grad_accum=32, seed=0, lora_r=128, lora_alpha=512,
+               lora_dropout=0.1, lora_targets="q_proj,k_proj,v_proj,o_proj", save=True):
+    """LESS's training recipe (its base_training_args.sh, the defaults here): a peft LoRA trained by transformers'
+    Trainer on encoded examples -- AdamW, linear decay after a 3% warm-up, no weight decay, every step's learning rate
+    logged; with save, a Trainer checkpoint per epoch: out/checkpoint-<step>/{adapter_model.safetensors,
+    optimizer.pt, trainer_state.json}. Trains in float32 on the CPU, as the model's dtype on CUDA. Returns the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    tok = load_tokenizer(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(seed)
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets.split(","),
+        task_type="CAUSAL_LM"))
+    args = TrainingArguments(out, num_train_epochs=epochs, learning_rate=lr, lr_scheduler_type="linear",
+                             warmup_steps=0.03, weight_decay=0.0, optim="adamw_torch", per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=grad_accum, logging_steps=1, seed=seed, data_seed=seed,
+                             save_strategy="epoch" if save else "no", report_to=[], remove_unused_columns=False,
+                             use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    data = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    Trainer(model=lm, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tok, padding=True)).train()
+    return lm
+
+
+def warmup(a):
+    """LESS's warm-up: train_lora on a seeded random fraction of the data (LESS: 5%, 4 epochs). Writes
+    out/warmup.jsonl (the records trained on) and the checkpoints; returns their directories in epoch order."""
+    if not 0 <= a.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout {a.lora_dropout} must be in [0, 1)")
+    tok = load_tokenizer(a.model, a.gguf_file)
+    records = read_jsonl(a.data)
+    examples = [encode_example(r, tok, a.max_length) for r in records]
+    check_examples(examples, len(tok))
+    n = round(a.fraction * len(records))
+    if not 1 <= n <= len(records):
+        raise ValueError(f"--fraction {a.fraction} of {len(records)} records is {n}: choose one in (0, 1] that keeps 1 or more")
+    keep = sorted(torch.randperm(len(records), generator=torch.Generator().manual_seed(a.seed))[:n].tolist())
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "warmup.jsonl"), "w") as f:
+        f.writelines(json.dumps(records[i]) + "\n" for i in keep)
+    base = plain_model_dir(a.model, a.gguf_file, a.out)
+    train_lora(base, [examples[i] for i in keep], a.out, a.epochs, a.lr, a.batch_size, a.grad_accum, a.seed, a.lora_r,
+               a.lora_alpha, a.lora_dropout, a.lora_targets)
+    ckpts = sorted((d for d in os.listdir(a.out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    print(f"warm-up on {n} of {len(records)} records ({a.out}/warmup.jsonl); base model {base}; checkpoints, one "
+          f"per epoch: {', '.join(os.path.join(a.out, c) for c in ckpts)}")
+    return [os.path.join(a.out, c) for c in ckpts]
 
 
 def _scores(paths):
@@ -171,12 +245,29 @@ def _scores(paths):
 def main(argv=None):
     ap = parser("cli/less.py", "LESS gradient-feature data selection.")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    w = subparser(sub, "warmup", "LESS's warm-up: LoRA on a random fraction of the data, a Trainer checkpoint per epoch")
+    w.add_argument("--model", required=True, type=model_dir, help="a local model directory")
+    w.add_argument("--gguf-file", help="a GGUF checkpoint inside --model: dequantised once into OUT/base-model")
+    w.add_argument("--data", required=True, help="JSONL: prompt/response or messages records (id optional)")
+    w.add_argument("--out", required=True, help="output directory: checkpoint-<step> per epoch, warmup.jsonl")
+    w.add_argument("--fraction", type=positive, default=0.05, help="the random share of the data trained on")
+    w.add_argument("--seed", type=whole(0), default=0, help="seed of the subset, the LoRA initialisation and the data order")
+    w.add_argument("--epochs", type=whole(1), default=4, help="epochs (one checkpoint each)")
+    w.add_argument("--lr", type=positive, default=2e-5, help="peak learning rate (linear decay, 3%% warm-up)")
+    w.add_argument("--batch-size", type=whole(1), default=1, help="examples per device step")
+    w.add_argument("--grad-accum", type=whole(1), default=32, help="steps accumulated per optimizer step")
+    w.add_argument("--lora-r", type=whole(1), default=128, help="LoRA rank")
+    w.add_argument("--lora-alpha", type=positive, default=512, help="LoRA alpha")
+    w.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
+    w.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="modules the LoRA adapts")
+    w.add_argument("--max-length", type=whole(2), default=2048, help="tokens per record (longer ones are cut)")
     c = subparser(sub, "collect", "per-example features of a JSONL file (runs under torchrun unchanged)")
     c.add_argument("--model", required=True, type=model_dir, help="a local model directory")
     c.add_argument("--gguf-file", help="a GGUF checkpoint inside --model (read dequantised to float32)")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     c.add_argument("--lora-adapter", help="a saved peft LoRA adapter: its parameters are the gradient's")
-    c.add_argument("--lora-r", type=whole(0), default=0, help="else a fresh LoRA of this rank (0: every parameter)")
+    c.add_argument("--lora-r", type=whole(0), default=0,
+                   help="else a fresh LoRA of this rank, the same in every process (0: every parameter); sgd/sign only")
     c.add_argument("--lora-targets", default="q_proj,v_proj", help="modules a fresh LoRA adapts")
     c.add_argument("--data", required=True, help="JSONL: prompt/response or messages records (id optional)")
     c.add_argument("--out", required=True, help="output directory (features.safetensors when done)")
@@ -210,7 +301,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         return demo()
+    if a.cmd == "warmup":
+        return warmup(a)
     if a.cmd == "collect":
+        if a.lora_r and a.grad_type == "adam":
+            raise ValueError("--lora-r builds a fresh, untrained LoRA, which has no Adam moments: adam features need the "
+                             "adapter the optimizer state belongs to (--lora-adapter out/checkpoint-N)")
+        if a.lora_r and a.lora_adapter:
+            raise ValueError("give --lora-adapter (a trained adapter) or --lora-r (a fresh one), not both")
         if "RANK" in os.environ:  # torchrun
             import torch.distributed as dist
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
