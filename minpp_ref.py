@@ -11,16 +11,18 @@ A single threshold tau = p_base with w = 1 is min-p; tau = 0 alone is plain samp
 A head (w = softplus(theta)) is trained by the cross-entropy of q at reference tokens.
 
 Reading order: 1. the transform and its loss in plain torch; 2. the classic samplers
-done right; 3. the head; 4. generation and a transformers LogitsProcessor; 5. the
+done right; 3. the head and its training (band statistics: for fixed thresholds a row's
+loss needs K numbers, not V); 4. generation and a transformers LogitsProcessor; 5. the
 fused, chunked loss (the fast path of 1's plain loss); 6. input checks. The tools
 (train, eval, generate, demo) are in cli/minpp.py. Imports with torch alone.
 
 Precision: every function computes in float32 whatever the input dtype (fp32 / fp16
-/ bf16) and returns float32. Thresholds are compared in float32.
+/ bf16) and returns float32 (band statistics: float64). Thresholds are compared in float32.
 """
 import json
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -257,19 +259,74 @@ def answer_logits(model, input_ids, labels, attention_mask=None):
     return logits[keep].float(), tgt[keep]
 
 
-def train_head(head, logits, target, steps=300, lr=0.1, reg="entropy", lam=0.0, temperature=1.0, log_every=0):
-    """Fit theta by Adam on CE(MinP+(logits / T), target) + lam * regulariser(w); logits are frozen (n, V).
-    Thresholds and targets are checked once, not at every step."""
-    z = apply_temperature(logits, temperature)
+def train_head(head, logits, target=None, steps=300, lr=0.1, reg="entropy", lam=0.0, temperature=1.0, log_every=0):
+    """Fit theta by Adam on CE(MinP+(logits / T), target) + lam * regulariser(w); logits are frozen (n, V), or
+    give their BandStats (target None): one pass over (n, V) makes them, then every step is O(n K)."""
+    stats = logits if isinstance(logits, BandStats) else band_statistics(logits, target, head.tau, temperature)
+    check_thresholds(head.tau, head.w)
     opt = torch.optim.Adam([head.theta], lr=lr)
     for step in range(steps):
-        loss = minpp_loss(z, target, head.tau, head.w, check=step == 0) + lam * regulariser(head.w, reg)
+        loss = band_loss(stats, head.w) + lam * regulariser(head.w, reg)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:4d}  loss {loss.item():.4f}")
     return head
+
+
+class BandStats(NamedTuple):
+    """What the loss needs of each scored row for fixed tau (band_statistics): log p_t (N,), the target's band
+    b = number of thresholds <= r_t (N,) in 0..K, band masses M (N, K), M_i = sum of p_v over r_v >= tau_i; and
+    a weight per row (N,) (ones by default). float64. Rows of several sets: BandStats(*map(torch.cat, zip(*sets)))."""
+    log_p: torch.Tensor
+    band: torch.Tensor
+    mass: torch.Tensor
+    weight: torch.Tensor
+
+
+@torch.no_grad()
+def band_statistics(logits, target, tau, temperature=1.0, ignore_index=-100, weight=None, chunk_rows=None):
+    """One chunked pass over (N, V) logits: z = logits / T, d = z - max z (= log r), per row the band sums
+    H_j = sum of exp(d_v) over the tokens with j thresholds <= r_v (j = 0..K; float32 terms, float64 sums), then
+    log p_t = d_t - log sum_j H_j, b = the target's j, M_i = sum_{j >= i} H_j / sum_j H_j. Rows whose target is
+    ignore_index are left out. weight: (N,) row weights for band_loss (e.g. the base probability, detached)."""
+    T = _real("temperature", temperature, 0, math.inf, lo_open=True)
+    scored, _, chunk_rows = _check_loss_args(logits, target, tau, torch.ones_like(tau), ignore_index, chunk_rows, True)
+    log_tau, out, ws = tau.to(logits.device, torch.float32).log(), [], None
+    grid = uniform_grid(log_tau)
+    for s in range(0, logits.shape[0], chunk_rows):
+        z = logits[s:s + chunk_rows][scored[s:s + chunk_rows]].float() / T  # (n, V)
+        m = _row_max(z, s)
+        d_t = z.gather(1, target[s:s + chunk_rows][scored[s:s + chunk_rows], None])[:, 0] - m[:, 0]
+        if grid:  # evenly spaced thresholds: every token's band in O(1), as minpp_loss's fast path does
+            ws = ws or _MinPPCrossEntropy._workspace(logits[:chunk_rows])
+            e = torch.empty_like(z)
+            j, _ = _MinPPCrossEntropy._dense(z, m, log_tau, grid, e, ws)
+        else:
+            e = z - m
+            j = torch.bucketize(e, log_tau, right=True)  # (n, V) in 0..K
+            e.exp_()
+        H = torch.zeros(z.shape[0], tau.numel() + 1, device=z.device).scatter_add_(1, j, e).double()
+        Z = H.sum(1)
+        mass = H.flip(1).cumsum(1).flip(1)[:, 1:] / Z[:, None]  # (n, K)
+        out.append((d_t.double() - Z.log(), torch.bucketize(d_t, log_tau, right=True), mass))
+    w = torch.ones(int(scored.sum()), dtype=torch.float64) if weight is None else weight[scored].double()
+    return BandStats(*(torch.cat(x) for x in zip(*out)), w.to(logits.device))
+
+
+def band_loss(stats, w):
+    """minpp_loss from BandStats in O(N K): the weighted mean over rows of -log q_t =
+    log(sum_i w_i M_i) - log(w_1 + ... + w_b) - log p_t, with w / max w (q is scale-free). float64 sums, float32
+    result; +inf where a target's c = w_1 + ... + w_b is 0 (and a warning). Differentiable in w."""
+    w1 = unit_weights(w).double()
+    row = (stats.mass @ w1).log() - F.pad(w1.cumsum(0), (1, 0))[stats.band].log() - stats.log_p  # (N,)
+    loss = (stats.weight * row).sum() / stats.weight.sum()
+    if torch.isinf(loss):
+        bad = torch.isinf(row).nonzero()[:, 0]
+        warnings.warn(f"MinP+ loss is inf at {bad.numel()} row(s), first {bad[0].item()}: c = 0 at the target "
+                      "(below every threshold with weight > 0; add tau = 0 to the grid)")
+    return loss.float()
 
 
 # ============================================================================

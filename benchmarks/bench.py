@@ -2,13 +2,15 @@
 in one process, as medians and ratios. Not part of CI's test run.
 
     python benchmarks/bench.py all [--smoke] [--device cuda] [--json results.json]
-    python benchmarks/bench.py project | grads | loss | samplers
+    python benchmarks/bench.py project | grads | loss | head | samplers | ...
 
 project  : less_ref.project vs TRAK's BasicProjector (pip install traker; Rademacher, same D, proj_dim, rows,
            dtype; each at its best block size); on CUDA also vs a matmul with the matrix already materialised.
 grads    : less_ref.example_gradients, batched (torch.func) vs the batch-size-1 loop, on a Llama from a config.
 loss     : minpp_loss fwd+bwd vs F.cross_entropy fwd+bwd on the same logits; minpp_probs vs minpp_logits;
            peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS above the start, sampled).
+head     : train_head, 300 Adam steps at N = 4096: one band_statistics pass + O(N K) steps vs minpp_loss on the
+           (N, V) logits every step (the previous train_head); final weights compared.
 samplers : apply_top_p / apply_top_k / apply_min_p vs transformers' TopP / TopK / MinP logits warpers.
 sjlt     : project(kind="sjlt") vs the dense kind at D = 2^22, k = 8192, 16 rows; per-example projection time at
            a LoRA-sized D = 2^24 (dense, sjlt, TRAK BasicProjector).
@@ -383,7 +385,46 @@ def bench_slices(device, smoke):
         note="projected_features (row_offset slices) vs project(gradient_features(...)), fresh processes")
 
 
-BENCHES = ("project", "grads", "loss", "samplers", "sjlt", "jl", "fingerprint", "slices")
+def bench_head(device, smoke):
+    """train_head's 300 Adam steps: minpp_loss on the (N, V) logits every step (the previous train_head) vs one
+    band_statistics pass then O(N K) steps (band_loss); the seed's grid; final weights compared. At V = 128256 on
+    a CPU the per-step baseline runs 30 steps (every step costs the same), scaled by 10."""
+    tau = minpp_ref.threshold_grid(**GRIDS["seed grid: K=65 log from 1e-5"]).to(device)
+    for N, V in [(64, 1000)] if smoke else [(4096, 32000), (4096, 128256)]:
+        g = torch.Generator().manual_seed(0)
+        z = (torch.randn(N, V, generator=g) * 3).to(device)
+        t = torch.randint(0, V, (N,), generator=g).to(device)
+        base_steps = 30 if V > 32000 and not str(device).startswith("cuda") else 300
+
+        def per_step(steps):
+            head = minpp_ref.MinPPlusHead(tau=tau.cpu()).to(device)
+            opt = torch.optim.Adam([head.theta], lr=0.1)
+            for i in range(steps):
+                loss = minpp_ref.minpp_loss(z, t, head.tau, head.w, check=i == 0)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            return head.w.detach()
+
+        def with_stats(steps):
+            head = minpp_ref.MinPPlusHead(tau=tau.cpu()).to(device)
+            return minpp_ref.train_head(head, z, t, steps=steps, lr=0.1).w.detach()
+
+        out, times = [], []
+        for fn, steps in ((per_step, base_steps), (with_stats, 300)):
+            sync(device)
+            t0 = time.perf_counter()
+            out.append(fn(steps))
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        w_old, w_new = out[0], out[1] if base_steps == 300 else with_stats(base_steps)
+        diff = ((w_new - w_old).abs().max() / w_old.abs().max()).item()
+        row("head", f"N={N} V={V} fp32, K=65, 300 steps", times[1], times[0] * 300 / base_steps,
+            note=f"train_head via band statistics vs minpp_loss per step{'' if base_steps == 300 else ' (30 steps timed, x10)'}; "
+                 f"weights after {base_steps} steps: max |difference| / max w = {diff:.2e}")
+
+
+BENCHES = ("project", "grads", "loss", "head", "samplers", "sjlt", "jl", "fingerprint", "slices")
 
 
 def main():

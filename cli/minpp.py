@@ -184,6 +184,7 @@ def main(argv=None):
     e.add_argument("--temperatures", type=positives, default="0.7,1.0,1.5", help="comma-separated, each > 0")
     e.add_argument("--n-samples", type=whole(1), default=1, help="samples per problem and sampler")
     e.add_argument("--batch-size", type=whole(1), default=8, help="prompts per batch (left-padded)")
+    e.add_argument("--show", type=whole(0), default=2, help="generations printed per sampler and temperature")
     for p in (e, g):
         p.add_argument("--max-new-tokens", type=whole(1), default=256, help="new tokens per answer")
         p.add_argument("--seed", type=whole(0), default=0, help="seed of the sampling generator")
@@ -222,19 +223,23 @@ def main(argv=None):
     from tqdm import tqdm
     table = {}
     for spec, kw in specs.items():
-        for T in a.temperatures if spec != "greedy" else a.temperatures[:1]:
-            right = 0
+        for T in a.temperatures if spec != "greedy" else [None]:  # greedy (argmax) has no temperature
+            right, shown = 0, []
             for b in tqdm(range(0, len(rows), a.batch_size), desc=f"{spec} T={T}", leave=False, disable=None):
                 batch = rows[b:b + a.batch_size]
                 enc = tok([_prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
                           add_special_tokens=False)
                 for _ in range(a.n_samples if spec != "greedy" else 1):
-                    outs = generate(model, enc.input_ids, a.max_new_tokens, temperature=T, attention_mask=enc.attention_mask,
-                                    eos_token_id=tok.eos_token_id, generator=g_, **kw)
-                    right += sum(answers_match(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, r in zip(outs, batch))
+                    outs = generate(model, enc.input_ids, a.max_new_tokens, temperature=T or 1.0,
+                                    attention_mask=enc.attention_mask, eos_token_id=tok.eos_token_id, generator=g_, **kw)
+                    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+                    right += sum(answers_match(x, r["answer"]) for x, r in zip(texts, batch))
+                    shown += [(r["id"], x) for x, r in zip(texts, batch)][:a.show - len(shown)]
             n = len(rows) * (a.n_samples if spec != "greedy" else 1)
             table[spec, T] = right / n
-            print(f"{spec:12s} T={T:<4}  accuracy {right}/{n} = {right / n:.3f}", flush=True)
+            print(f"{spec:12s} {'' if T is None else f'T={T}':8s} accuracy {right}/{n} = {right / n:.3f}", flush=True)
+            for rid, x in shown:  # a few generations, so a low score can be told apart from a broken format
+                print(f"    {rid}: {x!r}")
     return table
 
 

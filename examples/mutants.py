@@ -1,5 +1,5 @@
 """Does the suite catch realistic bugs? Each mutant is the reference with one bug a faster implementation could
-plausibly have; the suite, run against it as a candidate, must fail (exit 1). Not part of CI (about 4 minutes).
+plausibly have; the suite, run against it as a candidate, must fail (exit 1). Not part of CI (about 5 minutes).
 
     python examples/mutants.py            # all mutants
     python examples/mutants.py M3 M8      # some
@@ -75,6 +75,14 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
             "row_offset=a)", "row_offset=0)"),
     "M26": ("less_ref", "sjlt: every block k // s columns wide (the last columns of wider blocks never used)",
             "% ((t + 1) * proj_dim // s - start)", "% (proj_dim // s)"),
+    "M27": ("minpp_ref", "band_statistics: the target's band counts thresholds < r_t (a target on a threshold misses it)",
+            "torch.bucketize(d_t, log_tau, right=True), mass))", "torch.bucketize(d_t, log_tau), mass))"),
+    "M28": ("minpp_ref", "band_statistics: the temperature ignored (the statistics of the T = 1 distribution)",
+            "z = logits[s:s + chunk_rows][scored[s:s + chunk_rows]].float() / T", "z = logits[s:s + chunk_rows][scored[s:s + chunk_rows]].float()"),
+    "M29": ("minpp_ref", "band_loss: an unweighted mean (row weights ignored)",
+            "loss = (stats.weight * row).sum() / stats.weight.sum()", "loss = row.mean()"),
+    "M30": ("minpp_ref", "band_statistics: the masses M_i summed over r_v > tau_i's band below (off by one band)",
+            "mass = H.flip(1).cumsum(1).flip(1)[:, 1:] / Z[:, None]", "mass = H.flip(1).cumsum(1).flip(1)[:, :-1] / Z[:, None]"),
 }
 
 
