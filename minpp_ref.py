@@ -288,17 +288,22 @@ class BandStats(NamedTuple):
 @torch.no_grad()
 def band_statistics(logits, target, tau, temperature=1.0, ignore_index=-100, weight=None, chunk_rows=None):
     """One chunked pass over (N, V) logits: z = logits / T, d = z - max z (= log r), per row the band sums
-    H_j = sum of exp(d_v) over the tokens with j thresholds <= r_v (j = 0..K; float32 terms, float64 sums), then
-    log p_t = d_t - log sum_j H_j, b = the target's j, M_i = sum_{j >= i} H_j / sum_j H_j. Rows whose target is
-    ignore_index are left out. weight: (N,) row weights for band_loss (e.g. the base probability, detached)."""
+    H_j = sum of exp(d_v) over the tokens with j thresholds <= r_v (j = 0..K; summed in float32 as minpp_loss does,
+    float64 from there), then log p_t = d_t - log sum_j H_j, b = the target's j, M_i = sum_{j >= i} H_j / sum_j H_j.
+    Rows whose target is ignore_index are left out. weight: (N,) finite row weights >= 0 for band_loss (e.g. the
+    base probability of the target, detached)."""
     T = _real("temperature", temperature, 0, math.inf, lo_open=True)
     scored, _, chunk_rows = _check_loss_args(logits, target, tau, torch.ones_like(tau), ignore_index, chunk_rows, True)
+    if weight is not None and not (torch.is_tensor(weight) and weight.shape == target.shape and
+                                   bool(torch.isfinite(weight).all() and (weight >= 0).all() and weight[scored].sum() > 0)):
+        raise ValueError(f"weight must be a ({target.numel()},) tensor of finite numbers >= 0, not all 0 on scored rows")
     log_tau, out, ws = tau.to(logits.device, torch.float32).log(), [], None
     grid = uniform_grid(log_tau)
     for s in range(0, logits.shape[0], chunk_rows):
-        z = logits[s:s + chunk_rows][scored[s:s + chunk_rows]].float() / T  # (n, V)
-        m = _row_max(z, s)
-        d_t = z.gather(1, target[s:s + chunk_rows][scored[s:s + chunk_rows], None])[:, 0] - m[:, 0]
+        z, keep = logits[s:s + chunk_rows].float() / T, scored[s:s + chunk_rows]
+        m = _row_max(z, s)  # every row checked, as minpp_loss does; the error names the caller's row
+        z, m = z[keep], m[keep]  # (n, V), (n, 1): the scored rows
+        d_t = z.gather(1, target[s:s + chunk_rows][keep, None])[:, 0] - m[:, 0]
         if grid:  # evenly spaced thresholds: every token's band in O(1), as minpp_loss's fast path does
             ws = ws or _MinPPCrossEntropy._workspace(logits[:chunk_rows])
             e = torch.empty_like(z)

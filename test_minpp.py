@@ -510,6 +510,30 @@ def test_band_statistics_and_band_loss(impl, dtype, z, tw, seed, T, chunk):
     assert_close(weighted.reshape(()), (rho[keep] * rows).sum() / rho[keep].sum(), "band_loss with row weights")
 
 
+@pytest.mark.policy
+def test_band_statistics_refuses_bad_input_and_names_infinite_rows(impl):
+    """A bad weight, temperature, logit or target is a ValueError naming it (a NaN logit: its caller's row, with
+    chunking and ignored rows); a target below every weighted threshold gives loss +inf with a warning, not NaN."""
+    g = torch.Generator().manual_seed(0)
+    z, t, tau = torch.randn(5, 10, generator=g), torch.randint(0, 10, (5,), generator=g), torch.tensor([0.0, 0.1, 0.5])
+    for kw, says in (({"weight": -torch.ones(5)}, "weight"), ({"weight": torch.ones(3)}, "weight"),
+                     ({"temperature": 0.0}, "temperature")):
+        with pytest.raises(ValueError, match=says):
+            impl.band_statistics(z, t, tau, **kw)
+    bad = z.clone()
+    bad[3, 2] = float("nan")
+    t_ign = t.clone()
+    t_ign[0] = -100
+    with pytest.raises(ValueError, match=r"\[3, 2\]"):
+        impl.band_statistics(bad, t_ign, tau, chunk_rows=2)
+    with pytest.raises(ValueError, match="outside"):
+        impl.band_statistics(z, torch.full((5,), 10), tau)
+    low = z.argmin(1)  # r far below 0.5
+    stats = impl.band_statistics(z * 5, low, torch.tensor([0.5]))
+    with pytest.warns(UserWarning, match="inf"):
+        assert impl.band_loss(stats, torch.ones(1)).item() == math.inf
+
+
 def _grid(name):
     """The evenly spaced grids a head is trained on, built here: [0, 64 log-spaced from 1e-5 to 1] and 17 linear."""
     if name == "log":
