@@ -78,7 +78,7 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
     "M27": ("minpp_ref", "band_statistics: the target's band counts thresholds < r_t (a target on a threshold misses it)",
             "torch.bucketize(d_t, log_tau, right=True), mass))", "torch.bucketize(d_t, log_tau), mass))"),
     "M28": ("minpp_ref", "band_statistics: the temperature ignored (the statistics of the T = 1 distribution)",
-            "z = logits[s:s + chunk_rows][scored[s:s + chunk_rows]].float() / T", "z = logits[s:s + chunk_rows][scored[s:s + chunk_rows]].float()"),
+            "z, keep = logits[s:s + chunk_rows].float() / T,", "z, keep = logits[s:s + chunk_rows].float(),"),
     "M29": ("minpp_ref", "band_loss: an unweighted mean (row weights ignored)",
             "loss = (stats.weight * row).sum() / stats.weight.sum()", "loss = row.mean()"),
     "M30": ("minpp_ref", "band_statistics: the masses M_i summed over r_v > tau_i's band below (off by one band)",
