@@ -1559,8 +1559,8 @@ def test_command_line_warmup_collect_match_select(tmp_path):
                                      for k in (1, 2))]
     want = 0
     for e, w in zip((1, 2), eta):
-        tr, tr_ids = less_ref_load(tmp_path / f"t{e}")
-        va, _ = less_ref_load(tmp_path / f"v{e}")
+        tr, tr_ids = _read_feature_file(tmp_path / f"t{e}")
+        va, _ = _read_feature_file(tmp_path / f"v{e}")
         tr, va = (x.double() / x.double().norm(dim=1, keepdim=True) for x in (tr, va))
         want = want + w * (tr @ va.T).mean(1)
     want = want / sum(eta)
@@ -1574,13 +1574,13 @@ def test_command_line_warmup_collect_match_select(tmp_path):
     for out in ("f1", "f2"):
         less_cli.main(["collect", *common, "--lora-r", "2", "--data", str(tmp_path / "val.jsonl"), "--grad-type", "sgd",
                        "--checkpoint", "fresh", "--out", str(tmp_path / out)])
-    torch.testing.assert_close(less_ref_load(tmp_path / "f1")[0], less_ref_load(tmp_path / "f2")[0], rtol=0, atol=0)
+    torch.testing.assert_close(_read_feature_file(tmp_path / "f1")[0], _read_feature_file(tmp_path / "f2")[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="no Adam moments"):
         less_cli.main(["collect", *common, "--lora-r", "2", "--data", str(tmp_path / "val.jsonl"), "--grad-type", "adam",
                        "--optimizer-state", os.path.join(ckpts[0], "optimizer.pt"), "--out", str(tmp_path / "f3")])
 
 
-def less_ref_load(out_dir):
+def _read_feature_file(out_dir):
     """(features, ids) of a finished collect directory, read with safetensors alone (not through the code under test)."""
     from safetensors import safe_open
     with safe_open(str(out_dir / "features.safetensors"), "pt") as f:

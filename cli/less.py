@@ -156,10 +156,10 @@ def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r
     return lm
 
 
-def plain_model_dir(model, gguf_file, out):
+def plain_model_dir(model, gguf_file, out, tokenizer):
     """transformers' Trainer refuses a GGUF-quantised model: read it once, dequantised to float32, and save it with its
-    tokenizer as the plain model directory out/base-model (reused when it is there). A plain directory is returned as
-    it is."""
+    (already loaded) tokenizer as the plain model directory out/base-model (reused when it is there). A plain directory
+    is returned as it is."""
     if not gguf_file:
         return model
     base = os.path.join(out, "base-model")
@@ -171,7 +171,7 @@ def plain_model_dir(model, gguf_file, out):
             config.__dict__.pop(k, None)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(lm.state_dict())
-        load_tokenizer(model, gguf_file).save_pretrained(base)
+        tokenizer.save_pretrained(base)
         plain.save_pretrained(base)
     return base
 
@@ -217,7 +217,7 @@ def warmup(a):
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "warmup.jsonl"), "w") as f:
         f.writelines(json.dumps(records[i]) + "\n" for i in keep)
-    base = plain_model_dir(a.model, a.gguf_file, a.out)
+    base = plain_model_dir(a.model, a.gguf_file, a.out, tok)
     train_lora(base, [examples[i] for i in keep], a.out, a.epochs, a.lr, a.batch_size, a.grad_accum, a.seed, a.lora_r,
                a.lora_alpha, a.lora_dropout, a.lora_targets)
     ckpts = sorted((d for d in os.listdir(a.out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))

@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "garden", "rocket", "silver", "planet",
          "window", "orange", "bottle", "forest", "pencil", "dragon", "island", "button"]
 FAMILIES = ("add", "reverse", "upper", "count", "sort")
-RECIPE = ["--epochs", "4", "--lr", "5e-4", "--batch-size", "4", "--grad-accum", "1", "--lora-r", "8", "--lora-alpha", "32"]
+RECIPE = dict(epochs=4, lr=5e-4, batch_size=4, grad_accum=1, lora_r=8, lora_alpha=32)  # train_lora's keywords
+RECIPE_ARGS = [x for k, v in RECIPE.items() for x in (f"--{k.replace('_', '-')}", str(v))]  # the same, for warmup
 
 
 def record(family, i, rng, taken=None):
@@ -122,7 +123,7 @@ def main():
 
     # the README's four commands
     ckpts = step("warmup", ["warmup", "--model", gguf[0], "--gguf-file", gguf[1], "--data", f"{w}/data/pool.jsonl",
-                            "--out", f"{w}/warm", "--fraction", "0.05", *RECIPE])
+                            "--out", f"{w}/warm", "--fraction", "0.05", *RECIPE_ARGS])
     base = f"{w}/warm/base-model"
     for e, ck in enumerate(ckpts, 1):
         common = ["collect", "--model", base, "--lora-adapter", ck, "--checkpoint", os.path.basename(ck), "--kind", "sjlt",
@@ -148,16 +149,13 @@ def main():
                "oracle": [r for r in pool if r["id"].startswith("add-")][:k]}
     for s in (1, 2, 3):
         subsets[f"random-{s}"] = random.Random(s).sample(pool, k)
-    r = dict(zip(RECIPE[::2], RECIPE[1::2]))
     results = {}
     from transformers import AutoModelForCausalLM
     loss, exact = answer_losses(AutoModelForCausalLM.from_pretrained(base), test)
     results["base"] = {"n": 0, "target_share": None, "loss": loss, "exact": exact}
     for name, recs in subsets.items():
         t = time.perf_counter()
-        model = less_cli.train_lora(base, enc(recs), f"{w}/ft-{name}", int(r["--epochs"]), float(r["--lr"]),
-                                    int(r["--batch-size"]), int(r["--grad-accum"]), 0, int(r["--lora-r"]),
-                                    float(r["--lora-alpha"]), save=False)
+        model = less_cli.train_lora(base, enc(recs), f"{w}/ft-{name}", save=False, **RECIPE)
         loss, exact = answer_losses(model, test)
         seconds[f"finetune+eval {name}"] = time.perf_counter() - t
         share = sum(x["id"].startswith("add-") for x in recs) / len(recs)
@@ -167,7 +165,7 @@ def main():
     rand = [sum(results[f"random-{s}"]["loss"][i] for s in (1, 2, 3)) / 3 for i in range(len(test))]
     summary = {name: {"n": v["n"], "target_share": v["target_share"], "test_loss": sum(v["loss"]) / len(v["loss"]),
                       "exact_match": sum(v["exact"]) / len(v["exact"])} for name, v in results.items()}
-    out = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)", "recipe": RECIPE,
+    out = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)", "recipe": RECIPE_ARGS,
            "pool": {f: 60 for f in FAMILIES}, "n_val": 8, "n_test": len(test), "summary": summary,
            "less_minus_random_loss": dict(zip(("mean", "ci95_lo", "ci95_hi"),
                                               bootstrap([a - b for a, b in zip(results["less"]["loss"], rand)]))),

@@ -101,7 +101,7 @@ def generate_paired(model, tok, prompts, samplers, max_new, seed, shared=True, s
         cache.batch_repeat_interleave(S)
         logits, mask, pos = (x.repeat_interleave(S, 0) for x in (out.logits[:, -1].float(), mask, pos[:, -1:]))
         alive = torch.arange(P * S)  # row r: prompt r // S, sampler r % S
-        toks, rows = [[] for _ in range(P * S)], [[] for _ in range(P * S)]
+        toks, rows = [[] for _ in range(P * S)], [{T: [] for T in stats_at} for _ in range(P * S)]
         for step in range(max_new):
             nxt = torch.empty(len(alive), dtype=torch.long)
             for s, kw in enumerate(samplers):
@@ -117,7 +117,7 @@ def generate_paired(model, tok, prompts, samplers, max_new, seed, shared=True, s
                 for T in stats_at:
                     st = minpp_ref.band_statistics(logits[sel], nxt[sel], HEAD_TAU, temperature=T)
                     for i, row in enumerate(r.tolist()):
-                        rows[row].append((T, tuple(x[i:i + 1] for x in st)))
+                        rows[row][T].append(tuple(x[i:i + 1] for x in st))
             keep = []
             for i, (r, t) in enumerate(zip(alive.tolist(), nxt.tolist())):
                 if t != eos:
@@ -133,8 +133,8 @@ def generate_paired(model, tok, prompts, samplers, max_new, seed, shared=True, s
                            use_cache=True).logits[:, -1].float()
         for r in range(P * S):
             texts[r % S][b0 + r // S] = tok.decode(toks[r])
-            if rows[r]:
-                stats[r % S][b0 + r // S] = {T: cat([x for TT, x in rows[r] if TT == T]) for T in stats_at}
+            if any(rows[r].values()):
+                stats[r % S][b0 + r // S] = {T: cat(x) for T, x in rows[r].items()}
     return (texts, stats) if stats_at else texts
 
 
