@@ -1,22 +1,23 @@
 """Conformance-suite machinery shared by test_minpp.py and test_less.py.
 
-- `impl`: the module under test. The reference (minpp_ref / less_ref) by default; any importable module
-  named with --minpp-impl / --less-impl or MINPP_IMPL / LESS_IMPL. A function the candidate lacks skips
-  the tests that need it, with a reason naming it; the run's summary lists what was not provided and how
-  many tests reached the candidate. When a candidate is named, the tests of that file that do not use
-  `impl` (reference-only internals) are deselected: the run spends its time on the candidate.
-- Two tiers. Core (unmarked): what every correct implementation must do -- values, gradients, orderings,
-  invariances, exact boundaries on exactly representable inputs, the storage contract, refusals that protect
-  correctness. Policy (@pytest.mark.policy): this project's own promises -- bad inputs refused with a message
-  naming the culprit, exact error types, robustness beyond what the original code handles. Every run prints
-  both verdicts per implementation; a candidate's verdict is the core tier: its policy failures are reported
-  as xfail (not required for conformance) unless --policy makes them count. The reference must pass both.
-- Hypothesis profiles: "ci" (default, fast) and "thorough" (--hypothesis-profile thorough, or
-  HYPOTHESIS_PROFILE=thorough).
+- `impl`: the module under test. The reference (minpp_ref / less_ref) by default; any importable module named with
+  --minpp-impl / --less-impl or MINPP_IMPL / LESS_IMPL. A function the candidate lacks skips the tests that need it
+  with a reason naming it. When a candidate is named, the tests of that file that do not use `impl`
+  (reference-only internals) are deselected: the run spends its time on the candidate.
+- SPEC.md is the contract: every test that reaches `impl` names its clause with @pytest.mark.spec("L2.1"); the
+  clause's tier (core or policy) is the test's tier, and its id is a marker too (`-m L2.1` runs one clause). The run
+  ends with a line per clause (passed, failed, skipped, functions not provided) and the two tier verdicts per
+  implementation. A candidate's verdict is the core tier: its policy failures show as xfail unless --policy makes
+  them count. A module that provides none of its file's API ends the run with exit status 1 and one line saying so.
+- `call(fn, *args, **kw)`: one way to pass an optional argument; a function that does not take it skips the test
+  naming it (a None value is dropped instead). `needs_feature(impl, NAME)`: skip where a module declares NAME = False.
+- Hypothesis profiles: "ci" (default, fast) and "thorough" (--hypothesis-profile thorough, or HYPOTHESIS_PROFILE).
 - TOL: one per-dtype tolerance table. `device`: cpu, plus cuda where present (skipped cleanly elsewhere).
 """
 import importlib
+import inspect
 import os
+import re
 
 import pytest
 import torch
@@ -39,19 +40,39 @@ TOL = {
 }
 
 REFUSED = (TypeError, ValueError)  # a bad input: TypeError for a wrong type, ValueError for a wrong value
-_MODULES = {"minpp": ("minpp_ref", "MINPP_IMPL"), "less": ("less_ref", "LESS_IMPL")}
+_MODULES = {"minpp": ("minpp_ref", "MINPP_IMPL", "M"), "less": ("less_ref", "LESS_IMPL", "L")}
 _NOT_PROVIDED = {}
+
+
+def _read_spec():
+    """{clause id: {"title", "tier", "api"}} from SPEC.md's '### L2.1 Title · core' headings and 'API:' lines."""
+    clauses, current = {}, None
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "SPEC.md"), encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"### ([LM]\d+\.\d+) (.+) · (core|policy)\s*$", line)
+            if m:
+                current = clauses[m.group(1)] = {"title": m.group(2), "tier": m.group(3), "api": []}
+            elif current is not None and line.startswith("API: "):
+                current["api"] = [a.strip().strip("`") for a in line[5:].split(",")]
+            elif line.startswith("## "):
+                current = None
+    return clauses
+
+
+CLAUSES = _read_spec()
 
 
 def pytest_configure(config):
     # torch.func has no batching rule for CPU SDPA yet; the fallback is correct, only slower
     config.addinivalue_line("filterwarnings", "ignore:There is a performance drop:UserWarning")
-    config.addinivalue_line("markers", "policy: this project's own promise (messages, error types, extreme "
-                                       "ranges), not a condition for a correct implementation")
+    config.addinivalue_line("markers", "spec(clause): the SPEC.md clause a test checks (its tier is the clause's)")
+    config.addinivalue_line("markers", "policy: this project's own promise (set from the clause's tier)")
+    for cid, c in CLAUSES.items():
+        config.addinivalue_line("markers", f"{cid}: SPEC.md {cid} {c['title']} ({c['tier']})")
 
 
 def pytest_addoption(parser):
-    for kind, (ref, env) in _MODULES.items():
+    for kind, (ref, env, _) in _MODULES.items():
         parser.addoption(f"--{kind}-impl", default=os.environ.get(env, ref),
                          help=f"importable module to test in place of {ref} (or set {env})")
     parser.addoption("--policy", action="store_true",
@@ -78,25 +99,72 @@ class Impl:
             pytest.skip(f"{self.name} does not provide {attr}")
 
 
+def _import(kind, config):
+    name = config.getoption(f"--{kind}-impl")
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        pytest.exit(f"cannot import the {kind} implementation {name!r}: {e}", returncode=4)
+
+
 @pytest.fixture(scope="module")
 def impl(request):
     """The implementation for this test module (IMPL_KIND = 'minpp' or 'less' at its top)."""
     kind = request.module.IMPL_KIND
-    name = request.config.getoption(f"--{kind}-impl")
+    return Impl(_import(kind, request.config), kind)
+
+
+def call(fn, *args, **kwargs):
+    """fn(*args, **kwargs) where the keyword arguments are optional features of the SPEC (chunk_rows, row_offset,
+    kind, slice_cols, ...): a None value is not passed (the function's default holds), and one the function's
+    signature does not take (and no **kwargs) skips the test naming it; a NotImplementedError skips too."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        module = importlib.import_module(name)
-    except ImportError as e:
-        pytest.exit(f"cannot import the {kind} implementation {name!r}: {e}", returncode=4)
-    return Impl(module, kind)
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = None
+    if params is not None and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        missing = [k for k in kwargs if k not in params]
+        if missing:
+            pytest.skip(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)} does not take "
+                        f"{', '.join(missing)} (an optional feature)")
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as e:
+        pytest.skip(f"{getattr(fn, '__name__', fn)}: not implemented ({e})")
+
+
+def needs_feature(impl, name):
+    """Skip unless the module offers the optional feature `name` (it declares `name = False` to say it does not)."""
+    if getattr(impl._module, name, True) is False:
+        pytest.skip(f"{impl.name} declares {name} = False: an optional feature it does not have")
 
 
 def _candidates(config):
     """{test file kind: module name} for the kinds whose implementation is not the reference."""
-    return {kind: config.getoption(f"--{kind}-impl") for kind, (ref, _) in _MODULES.items()
+    return {kind: config.getoption(f"--{kind}-impl") for kind, (ref, _, _) in _MODULES.items()
             if config.getoption(f"--{kind}-impl") != ref}
 
 
+def _clause(item):
+    m = item.get_closest_marker("spec")
+    return m.args[0] if m and m.args else None
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        kind = getattr(item.module, "IMPL_KIND", None)
+        cid = _clause(item)
+        if "impl" in item.fixturenames and cid is None:
+            raise pytest.UsageError(f"{item.nodeid} reaches impl but names no SPEC.md clause (@pytest.mark.spec)")
+        if cid is None:
+            continue
+        if cid not in CLAUSES or not cid.startswith(_MODULES[kind][2]):
+            raise pytest.UsageError(f"{item.nodeid} cites {cid}, which is not a clause of SPEC.md's part "
+                                    f"{_MODULES[kind][2]}")
+        item.add_marker(cid)
+        if CLAUSES[cid]["tier"] == "policy":
+            item.add_marker("policy")
     cand = _candidates(config)
     if not cand:
         return
@@ -109,23 +177,25 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-_REACHED = {}  # {kind: {"core" / "policy": {"passed": n, "failed": n}}}
+_COUNTS = {}  # {kind: {clause: {"passed"/"failed"/"skipped": n}}}
 _POLICY_FAILED = {}  # {kind: [test ids]}
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    if rep.when == "call" and "impl" in item.fixturenames and rep.outcome in ("passed", "failed"):
-        kind = getattr(item.module, "IMPL_KIND", None)
-        tier = "policy" if item.get_closest_marker("policy") else "core"
-        counts = _REACHED.setdefault(kind, {t: {"passed": 0, "failed": 0} for t in ("core", "policy")})
-        counts[tier][rep.outcome] += 1
-        if tier == "policy" and rep.failed:
+    rep = yield
+    cid = _clause(item)
+    if cid is None or "impl" not in item.fixturenames:
+        return rep
+    if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
+        kind = item.module.IMPL_KIND
+        counts = _COUNTS.setdefault(kind, {}).setdefault(cid, {"passed": 0, "failed": 0, "skipped": 0})
+        counts[rep.outcome] += 1
+        if CLAUSES[cid]["tier"] == "policy" and rep.failed:
             _POLICY_FAILED.setdefault(kind, []).append(item.nodeid)
             if kind in _candidates(item.config) and not item.config.getoption("--policy"):
                 rep.outcome, rep.wasxfail = "skipped", "policy tier: not required for conformance (--policy counts it)"
+    return rep
 
 
 def pytest_report_header(config):
@@ -133,18 +203,43 @@ def pytest_report_header(config):
            [f"hypothesis profile: {settings._current_profile}"]
 
 
-def pytest_terminal_summary(terminalreporter, config):
-    for kind, tiers in sorted(_REACHED.items()):
-        name = config.getoption(f"--{kind}-impl")
-        core, policy = tiers["core"], tiers["policy"]
-        counted = kind not in _candidates(config) or config.getoption("--policy")
-        terminalreporter.write_line(
-            f"{name}: core {core['passed']} passed, {core['failed']} failed; policy {policy['passed']} passed, "
-            f"{policy['failed']} failed{'' if counted or not policy['failed'] else ' (not required for conformance; --policy counts them)'}")
-        for nodeid in _POLICY_FAILED.get(kind, [])[:20]:
-            terminalreporter.write_line(f"  policy failed: {nodeid}")
-    for name, attrs in sorted(_NOT_PROVIDED.items()):
-        terminalreporter.write_line(f"{name}: not provided (tests skipped): {', '.join(sorted(attrs))}")
+def _api(part):
+    """The public functions a part's clauses name (module-level declarations such as PROJECTION are optional)."""
+    return sorted({a for c, v in CLAUSES.items() if c.startswith(part) for a in v["api"] if not a.isupper()})
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """After pytest's own summary line: the clause lines and the two tier verdicts of each implementation, last."""
+    result = yield
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is None or not _COUNTS:
+        return result
+    for kind, by_clause in sorted(_COUNTS.items()):
+        ref, _, part = _MODULES[kind]
+        module = _import(kind, session.config)
+        name = module.__name__
+        tr.write_line("")
+        tr.write_line(f"{name} against SPEC.md part {part} (clause: passed / failed / skipped; not provided):")
+        for cid in sorted(by_clause, key=lambda c: [int(x) for x in c[1:].split(".")]):
+            n, c = by_clause[cid], CLAUSES[cid]
+            missing = [a for a in c["api"] if not a.isupper() and not hasattr(module, a)]
+            tr.write_line(f"  {cid:6s} {c['title'][:44]:44s} {c['tier']:6s} {n['passed']:4d} / {n['failed']:2d} / "
+                          f"{n['skipped']:3d}" + (f"; not provided: {', '.join(missing)}" if missing else ""))
+        counted = kind not in _candidates(session.config) or session.config.getoption("--policy")
+        for tier in ("core", "policy"):
+            t = {o: sum(v[o] for cid, v in by_clause.items() if CLAUSES[cid]["tier"] == tier)
+                 for o in ("passed", "failed", "skipped")}
+            verdict = ("FAIL" if tier == "core" or counted else "not required") if t["failed"] else \
+                "PASS" if t["passed"] else "NOTHING TESTED"
+            tr.write_line(f"{name} {tier} tier: {verdict} ({t['passed']} passed, {t['failed']} failed, "
+                          f"{t['skipped']} skipped)" + ("; --policy counts these failures" if verdict == "not required"
+                                                         else ""), bold=True, red=verdict in ("FAIL", "NOTHING TESTED"))
+        if not any(hasattr(module, a) for a in _api(part)):
+            tr.write_line(f"{name} provides none of SPEC.md part {part}'s functions ({', '.join(_api(part)[:5])}, "
+                          "...): nothing was tested, exit status 1", red=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return result
 
 
 def word_tokenizer(words):
@@ -156,12 +251,14 @@ def word_tokenizer(words):
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                         "{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
     return tok
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device"))]
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,21 +1,23 @@
-"""LESS reference: gradient-feature data selection (Xia et al., ICML 2024), in plain torch.
+"""LESS reference: gradient-feature data selection (Xia et al., ICML 2024), in plain torch (contract: SPEC.md part L).
 
-Follows the original LESS code (collect_grad_reps.py, matching.py): per-example gradients of the
-Hugging Face causal-LM loss (response tokens only) over the trainable parameters, Adam-preconditioned
-with the warm-up checkpoint's optimizer moments,
+Follows the original LESS code (collect_grad_reps.py, matching.py): per-example gradients of the Hugging Face
+causal-LM loss (response tokens only) over the trainable parameters, Adam-preconditioned with the warm-up
+checkpoint's optimizer moments,
 
     Gamma = m_hat / sqrt(v_hat + eps),  m_hat = b1 m + (1 - b1) g,  v_hat = b2 v + (1 - b2) g^2
 
 randomly projected to proj_dim, L2-normalised, and matched against validation gradients:
 
-    score(z') = max_subtask mean_{z in subtask} sum_i eta_i cos(grad l(z; theta_i), Gamma(z', theta_i))
+    score(z') = max_subtask mean_{z in subtask} sum_i eta_i cos(P grad l(z; theta_i), P Gamma(z', theta_i))
 
-Unlike the original, the projection is a pure function of (seed, row, column) -- identical for every
-block size, batch split and device -- and every stored feature row stays tied to its sample id.
+Unlike the original, the projection P is a pure function of (seed, row, column) -- identical for every block size,
+batch split and device -- and every stored feature row stays tied to its sample id by a checksum.
 
-Reading order: 1. the method in plain torch (less_scores runs all of it in memory); 2. fast paths;
-3. machinery (optimizer files, storage, sharding, resume, matching files, DataFlex's dynamic selection);
-4. data preparation; 5. input checks. The tools are in cli/less.py. Imports with torch alone.
+Reading order: 1. the method in plain torch -- less_scores (all of it, in memory), then its parts: gradient features,
+per-example gradients, the projection (R from its per-entry rule, x @ R / sqrt(k)), scores and selection; 2. the
+fast paths, each equal to a plain form of section 1 (torch.func gradients, R generated block by block, features
+slice by slice); 3. machinery (optimizer files, storage, sharding, resume, matching files, DataFlex's dynamic
+selection); 4. data preparation; 5. input checks. The tools are in cli/less.py. Imports with torch alone.
 Precision: all arithmetic is float32 whatever the input dtype; features and scores are float32.
 """
 import contextlib
@@ -24,18 +26,49 @@ import json
 import math
 import os
 import re
+import sys
+import time
 import warnings
 from typing import NamedTuple
 
 import torch
 
+__all__ = ["less_scores", "adam_features", "gradient_features", "trainable_parameters", "example_gradients",
+           "projection_matrix", "project_plain", "Projection", "PROJECTION", "PROJECTION_KINDS", "SJLT_S",
+           "influence_scores", "select_top", "project", "projected_features", "trainer_param_order", "adam_state",
+           "checkpoint_weights_from_trainer_state", "model_fingerprint", "load_features", "shard_positions",
+           "collect_features", "merge_features", "match", "select_step", "encode_example", "check_examples"]
+
 
 # ============================================================================
 # 1. The method
+def less_scores(model, checkpoints, train, val, projection=None, n_subtasks=1):
+    """The whole method in memory, float32 (N,). checkpoints: (weights, (exp_avg, exp_avg_sq), eta) per warm-up
+    checkpoint: weights a state_dict with the model's own names holding every trainable parameter (None: the model
+    as it is), moments (D,) each as adam_state lays them. Adam features of train, SGD gradients of val, projected
+    (default Projection()), eta-weighted cosine, mean per subtask, max over subtasks. Holds (N, D) gradients:
+    collect_features + match compute the same in bounded memory."""
+    projection = projection or Projection()
+    t_feats, v_feats = [], []
+    for i, (weights, moments, _) in enumerate(checkpoints):
+        if weights is not None:
+            _check_weights(model, weights, i)
+            model.load_state_dict(weights, strict=False)
+        grads = example_gradients(model, train)  # (N, D)
+        _check_moments(moments, grads.shape[1], f"checkpoint {i}")
+        t_feats.append(projection(adam_features(grads, *moments)))
+        v_feats.append(projection(example_gradients(model, val)))  # validation: plain ("sgd") gradients
+    return influence_scores(t_feats, v_feats, [eta for *_, eta in checkpoints], n_subtasks)
+
+
+# --- gradient features
 def adam_features(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=1e-8, eps_outside=False):
     """Gamma = m_hat / sqrt(v_hat + eps) (LESS: eps INSIDE the root, no bias correction, no lr), float32.
     grad is (D,) or (N, D) in any float dtype; the moments are (D,). eps_outside=True gives DataFlex's
     m_hat / (sqrt(v_hat) + eps) instead -- a different feature, so it must be asked for explicitly."""
+    if exp_avg.shape != grad.shape[-1:] or exp_avg_sq.shape != grad.shape[-1:]:
+        raise ValueError(f"exp_avg {tuple(exp_avg.shape)} and exp_avg_sq {tuple(exp_avg_sq.shape)} must be "
+                         f"({grad.shape[-1]},), one entry per gradient coordinate (grad {tuple(grad.shape)})")
     g, m, v = grad.float(), exp_avg.float(), exp_avg_sq.float()
     m_hat = beta1 * m + (1 - beta1) * g
     v_hat = beta2 * v + (1 - beta2) * g * g
@@ -48,52 +81,65 @@ def gradient_features(grads, grad_type, adam_state=None, eps_outside=False):
         return grads.float() if grad_type == "sgd" else torch.sign(grads.float())
     if grad_type == "adam" and adam_state is not None:
         return adam_features(grads, *adam_state, eps_outside=eps_outside)
-    raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state (exp_avg, exp_avg_sq)" if grad_type == "adam"
-                     else f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
+    raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state (exp_avg, exp_avg_sq)"
+                     if grad_type == "adam" else f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
 
 
+# --- per-example gradients
 def trainable_parameters(model):
     """[(name, param)] with requires_grad, in named_parameters() order: the gradient vector's layout."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def example_gradients(model, examples, method="vmap"):
-    """(B, D) float32 gradients of the HF causal-LM loss (mean CE over labels != -100) per example (a dict
-    with 'id', 'input_ids', 'labels'), over trainable_parameters(model), in eval mode (dropout must not change
-    features). 'loop': the definition, one backward per example (the original's batch size 1); 'vmap'
-    (default): the batched fast path right below, equal up to float rounding."""
+def example_gradients(model, examples, vmap=True):
+    """(B, D) float32 gradients of the HF causal-LM loss (mean CE over labels != -100) per example (a dict with
+    'id', 'input_ids', 'labels'), over trainable_parameters(model), in eval mode (dropout must not change features).
+    vmap=False: the definition, one backward per example (the original's batch size 1); vmap=True: the batched
+    fast path of section 2 (_vmap_gradients), equal up to float rounding."""
     params = _check_model_inputs(model, examples)
     model.eval()
-    if method == "vmap":
+    if vmap:
         return _vmap_gradients(model, examples, params)
-    if method != "loop":
-        raise ValueError(f"method must be 'loop' or 'vmap', got {method!r}")
     rows, dev = [], params[0][1].device
     for ex in examples:
-        loss = model(input_ids=_as_long(ex["input_ids"])[None].to(dev), labels=_as_long(ex["labels"])[None].to(dev)).loss
+        ids, labels = _as_long(ex["input_ids"])[None].to(dev), _as_long(ex["labels"])[None].to(dev)
+        loss = model(input_ids=ids, labels=labels).loss
         rows.append(torch.cat([g.reshape(-1).float() for g in torch.autograd.grad(loss, [p for _, p in params])]))
     return torch.stack(rows)
 
 
-def _vmap_gradients(model, examples, params):
-    """torch.func over a right-padded batch, padding labelled -100 and no attention mask: causal attention
-    never lets a real token see the padding after it, so each row equals the loop up to float rounding."""
-    from torch.func import functional_call, grad, vmap
-    from torch.nn.utils.rnn import pad_sequence
-    dev = params[0][1].device  # right padding: ids 0, labels -100
-    ids = pad_sequence([_as_long(ex["input_ids"]) for ex in examples], batch_first=True).to(dev)  # (B, T)
-    labels = pad_sequence([_as_long(ex["labels"]) for ex in examples], batch_first=True, padding_value=-100).to(dev)
-    loss_fn = lambda p, i, lab: functional_call(model, p, (), {"input_ids": i[None], "labels": lab[None]}).loss  # noqa: E731
-    g = vmap(grad(loss_fn), in_dims=(None, 0, 0))({n: p.detach() for n, p in params}, ids, labels)
-    return torch.cat([g[n].reshape(len(examples), -1).float() for n, _ in params], 1)  # (B, D)
-
-
-# --- the random projection R: each entry a pure function of (seed, row, column)
-
+# --- the random projection: R's entries from a per-entry rule, y = x @ R / scale
 PROJECTION = "rademacher-fmix32-v1"
 PROJECTION_KINDS = {"rademacher": PROJECTION, "sjlt": "sjlt-fmix32-v1"}
-SJLT_S = 4  # sjlt's nonzeros per input coordinate; see project()
+SJLT_S = 4  # sjlt's nonzeros per input coordinate; see project_plain
 _M32 = 0xFFFFFFFF
+
+
+def projection_matrix(nrows, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S):
+    """Rows [row_offset, row_offset + nrows) of R / scale, float32 (nrows, proj_dim), from the per-entry rule.
+    'rademacher': sign (i, j) is bit j % 32 of the word _words(i * W + j // 32), W = ceil(k / 32) (bit 1 -> -1),
+    scale sqrt(k). 'sjlt' (Kane & Nelson's blocks): row i has s nonzeros, one in each column block t = 0..s-1
+    (columns [t k / s, (t + 1) k / s)): the word w = _words(i * s + t) of its own seed stream places it at column
+    t k / s + (w >> 1) mod (block width), sign from bit 0 of w, scale sqrt(s). The definition (project: fast path)."""
+    _check_projection_args(proj_dim, seed, kind, s)
+    _check_rows(row_offset, nrows, (proj_dim + 31) // 32 if kind == "rademacher" else s)
+    rows = torch.arange(row_offset, row_offset + nrows, dtype=torch.int64)[:, None]
+    if kind == "rademacher":
+        j = torch.arange(proj_dim, dtype=torch.int64)
+        words = _words(rows * ((proj_dim + 31) // 32) + j // 32, *_seeds(seed, 0))  # (nrows, k)
+        return (1 - 2 * ((words >> (j % 32)) & 1)).float() / math.sqrt(proj_dim)
+    t = torch.arange(s, dtype=torch.int64)
+    start = t * proj_dim // s
+    words = _words(rows * s + t, *_seeds(seed, 0x51A7))  # (nrows, s)
+    cols = start + (words >> 1) % ((t + 1) * proj_dim // s - start)
+    return torch.zeros(nrows, proj_dim).scatter_(1, cols, (1 - 2 * (words & 1)).float() / math.sqrt(s))
+
+
+def project_plain(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S):
+    """y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim) for x (N, D) or (D,): the definition,
+    R whole in memory. project (section 2) computes the same block by block, for any D."""
+    y = x.float().reshape(-1, x.shape[-1]) @ projection_matrix(x.shape[-1], proj_dim, seed, row_offset, kind, s)
+    return y[0] if x.dim() == 1 else y
 
 
 def _mul32(h, c):
@@ -111,67 +157,13 @@ def _fmix32(h):
 
 
 def _words(counter, s1, s2):
-    """32 random bits per int64 counter c = hi * 2^32 + lo: fmix32(fmix32(lo ^ s1) ^ hi ^ s2). Distinct
-    counters are distinct hash inputs for every c < 2^63 (nothing is dropped from the counter)."""
+    """32 random bits per int64 counter c = hi * 2^32 + lo: fmix32(fmix32(lo ^ s1) ^ hi ^ s2). Distinct counters are
+    distinct hash inputs for every c < 2^63 (nothing is dropped from the counter)."""
     return _fmix32(_fmix32((counter & _M32) ^ s1) ^ (counter >> 32) ^ s2)
 
 
 def _seeds(seed, salt):
-    _whole("seed", seed, 0, 2 ** 32 - 1)
     return _fmix32(seed ^ 0x9E3779B9 ^ salt), _fmix32(seed ^ 0x7F4A7C15 ^ salt)
-
-
-def rademacher_block(seed, row0, nrows, proj_dim, device="cpu"):
-    """Rows [row0, row0 + nrows) of R in {-1, +1}^(D x k), float32: sign (i, j) is bit j % 32 of word
-    _words(i * W + j // 32), W = ceil(k / 32) (bit 0 -> +1)."""
-    s1, s2 = _seeds(seed, 0)
-    W = (proj_dim + 31) // 32
-    _check_rows(row0, nrows, W)
-    rows = torch.arange(row0, row0 + nrows, device=device, dtype=torch.int64)
-    words = _words(rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64), s1, s2)  # (nrows, W)
-    byte = (words[..., None] >> torch.arange(0, 32, 8, device=device)) & 0xFF  # (nrows, W, 4)
-    table = 1 - 2 * ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).float()
-    return table[byte].reshape(nrows, W * 32)[:, :proj_dim]  # sign of bit j of byte b: a lookup, not 32 shifts
-
-
-def sjlt_block(seed, row0, nrows, proj_dim, s, device="cpu"):
-    """Sparse JL rows [row0, row0 + nrows): columns and signs, (nrows, s) each. Kane & Nelson's blocks: row i
-    has one nonzero in each of s column blocks, column floor(t k / s) + h_t(i), sign and h_t from word
-    _words(i * s + t) of a seed stream of its own (bit 0: sign, bits 1-31: column)."""
-    s1, s2 = _seeds(seed, 0x51A7)
-    _check_rows(row0, nrows, s)
-    rows = torch.arange(row0, row0 + nrows, dtype=torch.int64, device=device)
-    t = torch.arange(s, dtype=torch.int64, device=device)
-    start = t * proj_dim // s  # block t: columns [t k / s, (t + 1) k / s)
-    words = _words(rows[:, None] * s + t, s1, s2)  # (nrows, s)
-    return start + (words >> 1) % ((t + 1) * proj_dim // s - start), (1 - 2 * (words & 1)).float()
-
-
-def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, block_rows=None):
-    """y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim); x is (N, D) or (D,).
-    'rademacher' (the paper's): R in {-1, +1}, scale sqrt(proj_dim). 'sjlt' (an option, as in dattri): row i
-    of R has s signs (sjlt_block), scale sqrt(s), O(D s) per example; s = 4 matches the dense kind's distortion
-    on gradients (benchmarks/bench.py jl). row_offset: x holds rows [row_offset, row_offset + D) of the
-    gradient, so slices (per layer, an FSDP shard) project separately and sum to the whole. R is generated
-    block_rows rows at a time on x's device, never whole; it depends on no block size, batch, slice or device."""
-    squeeze = x.dim() == 1
-    x = x[None] if squeeze else x
-    N, D = _check_projection(x, proj_dim, row_offset, kind, s, block_rows)
-    out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)
-    if kind == "rademacher":
-        block_rows = block_rows or max(1, 2 ** 24 // proj_dim)
-        for r0 in range(0, D, block_rows):
-            nr = min(block_rows, D - r0)
-            out.addmm_(x[:, r0:r0 + nr].float(), rademacher_block(seed, row_offset + r0, nr, proj_dim, x.device))
-        return (out[0] if squeeze else out).div_(math.sqrt(proj_dim))
-    out_t = out.T  # sjlt; (proj_dim, N) view: index_add_ adds whole rows of N contiguous values
-    block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
-    for r0 in range(0, D, block_rows):
-        nr = min(block_rows, D - r0)
-        cols, signs = sjlt_block(seed, row_offset + r0, nr, proj_dim, s, x.device)  # hashed on x's device
-        xt = x[:, r0:r0 + nr].T.float()  # (nr, N)
-        out_t.index_add_(0, cols.reshape(-1), (xt[:, None, :] * signs[..., None]).reshape(-1, N))
-    return (out[0] if squeeze else out).div_(math.sqrt(s))
 
 
 class Projection(NamedTuple):
@@ -186,7 +178,8 @@ class Projection(NamedTuple):
         return project(x, self.proj_dim, self.seed, row_offset, self.kind, self.s)
 
     def identity(self, grad_dim):
-        ident = {"projection": PROJECTION_KINDS[self.kind], "grad_dim": grad_dim, "proj_dim": self.proj_dim, "seed": self.seed}
+        ident = {"projection": PROJECTION_KINDS[self.kind], "grad_dim": grad_dim, "proj_dim": self.proj_dim,
+                 "seed": self.seed}
         return dict(ident, sjlt_s=self.s) if self.kind == "sjlt" else ident
 
 
@@ -198,7 +191,7 @@ def _normalise_rows(x, what):
     bad, zero = ~torch.isfinite(x).all(-1), (x == 0).all(-1)
     if bad.any() or zero.any():
         i = (bad | zero).nonzero()[0].item()
-        raise ValueError(f"{what} row {i} " + ("has a non-finite entry" if bad[i] else "is all zeros: it has no direction"))
+        raise ValueError(f"{what} row {i} " + ("has a non-finite entry" if bad[i] else "is all zeros: no direction"))
     x = x / x.abs().amax(-1, keepdim=True)
     return x / x.norm(dim=-1, keepdim=True)
 
@@ -221,22 +214,70 @@ def select_top(scores, fraction=None, k=None):
     return torch.sort(scores, descending=True, stable=True).indices[:k]
 
 
-def less_scores(model, checkpoints, train, val, projection=Projection(), n_subtasks=1):
-    """The whole method in memory, float32 (N,). checkpoints: (weights, (exp_avg, exp_avg_sq), eta) per warm-up
-    checkpoint, weights a state_dict (strict=False; None: the model as it is), moments as adam_state lays them.
-    Adam features of train, SGD gradients of val, projected, eta-weighted cosine, mean per subtask, max over
-    subtasks. Holds (N, D) gradients: collect_features + match compute the same in bounded memory."""
-    t_feats, v_feats = [], []
-    for weights, moments, _ in checkpoints:
-        if weights is not None:
-            model.load_state_dict(weights, strict=False)
-        t_feats.append(projection(adam_features(example_gradients(model, train), *moments)))
-        v_feats.append(projection(example_gradients(model, val)))  # validation: plain ("sgd") gradients
-    return influence_scores(t_feats, v_feats, [eta for *_, eta in checkpoints], n_subtasks)
-
-
 # ============================================================================
-# 2. Fast paths
+# 2. Fast paths, each equal to a plain form above
+def _vmap_gradients(model, examples, params):
+    """example_gradients with torch.func over a right-padded batch, padding labelled -100 and no attention mask:
+    causal attention never lets a real token see the padding after it, so each row equals the loop up to rounding."""
+    from torch.func import functional_call, grad, vmap
+    from torch.nn.utils.rnn import pad_sequence
+    dev = params[0][1].device  # right padding: ids 0, labels -100
+    ids = pad_sequence([_as_long(ex["input_ids"]) for ex in examples], batch_first=True).to(dev)  # (B, T)
+    labels = pad_sequence([_as_long(ex["labels"]) for ex in examples], batch_first=True, padding_value=-100).to(dev)
+    def loss_fn(p, i, lab):
+        return functional_call(model, p, (), {"input_ids": i[None], "labels": lab[None]}).loss
+
+    g = vmap(grad(loss_fn), in_dims=(None, 0, 0))({n: p.detach() for n, p in params}, ids, labels)
+    return torch.cat([g[n].reshape(len(examples), -1).float() for n, _ in params], 1)  # (B, D)
+
+
+def _rademacher_rows(seed, row0, nrows, proj_dim, device="cpu"):
+    """projection_matrix's dense rows [row0, row0 + nrows) * sqrt(k), float32, on a device: the same words, each
+    spread into 32 signs by a byte lookup table (4 lookups, not 32 shifts)."""
+    W = (proj_dim + 31) // 32
+    rows = torch.arange(row0, row0 + nrows, device=device, dtype=torch.int64)
+    words = _words(rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64), *_seeds(seed, 0))  # (n, W)
+    byte = (words[..., None] >> torch.arange(0, 32, 8, device=device)) & 0xFF  # (nrows, W, 4)
+    table = 1 - 2 * ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).float()
+    return table[byte].reshape(nrows, W * 32)[:, :proj_dim]
+
+
+def _sjlt_rows(seed, row0, nrows, proj_dim, s, device="cpu"):
+    """projection_matrix's sparse rows [row0, row0 + nrows) as (columns, signs), (nrows, s) each, on a device."""
+    rows = torch.arange(row0, row0 + nrows, dtype=torch.int64, device=device)
+    t = torch.arange(s, dtype=torch.int64, device=device)
+    start = t * proj_dim // s  # block t: columns [t k / s, (t + 1) k / s)
+    words = _words(rows[:, None] * s + t, *_seeds(seed, 0x51A7))  # (nrows, s)
+    return start + (words >> 1) % ((t + 1) * proj_dim // s - start), (1 - 2 * (words & 1)).float()
+
+
+def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, block_rows=None):
+    """project_plain's y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim), with R generated
+    block_rows rows at a time on x's device, never whole: 'rademacher' (the paper's) by x_block @ R_block (addmm),
+    'sjlt' (an option, as in dattri) by adding each x_i with its s signs into its s columns (index_add_), O(D s) per
+    example; s = 4 matches the dense kind's distortion on gradients (RESULTS.md). row_offset: x holds rows
+    [row_offset, row_offset + D) of a gradient, so slices (per layer, an FSDP shard) project separately and sum to
+    the whole. Equal up to float32 summation order for every block size, batch, slice and device."""
+    squeeze = x.dim() == 1
+    x = x[None] if squeeze else x
+    N, D = _check_projection(x, proj_dim, seed, row_offset, kind, s, block_rows)
+    out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)
+    if kind == "rademacher":
+        block_rows = block_rows or max(1, 2 ** 24 // proj_dim)
+        for r0 in range(0, D, block_rows):
+            nr = min(block_rows, D - r0)
+            out.addmm_(x[:, r0:r0 + nr].float(), _rademacher_rows(seed, row_offset + r0, nr, proj_dim, x.device))
+        return (out[0] if squeeze else out).div_(math.sqrt(proj_dim))
+    out_t = out.T  # (proj_dim, N) view: index_add_ adds whole rows of N contiguous values
+    block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
+    for r0 in range(0, D, block_rows):
+        nr = min(block_rows, D - r0)
+        cols, signs = _sjlt_rows(seed, row_offset + r0, nr, proj_dim, s, x.device)  # hashed on x's device
+        xt = x[:, r0:r0 + nr].T.float()  # (nr, N)
+        out_t.index_add_(0, cols.reshape(-1), (xt[:, None, :] * signs[..., None]).reshape(-1, N))
+    return (out[0] if squeeze else out).div_(math.sqrt(s))
+
+
 def projected_features(grads, grad_type, adam_state, projection, eps_outside=False, slice_cols=2 ** 22):
     """projection(gradient_features(grads, ...)) slice by slice (row_offset): float32 (N, proj_dim), equal up to
     summation order, with feature temporaries (m_hat, v_hat, ...) of (N, slice_cols) instead of (N, D)."""
@@ -249,12 +290,12 @@ def projected_features(grads, grad_type, adam_state, projection, eps_outside=Fal
     return out
 
 
-def _features(model, examples, grad_type, adam, projection, batch_size, method="vmap", eps_outside=False, bar=None):
+def _features(model, examples, grad_type, adam, projection, batch_size, vmap=True, eps_outside=False, bar=None):
     """Projected features (N, proj_dim) batch by batch; a non-finite gradient is an error naming the sample."""
     rows = []
     for b in range(0, len(examples), batch_size):
         batch = examples[b:b + batch_size]
-        g = example_gradients(model, batch, method)
+        g = example_gradients(model, batch, vmap)
         bad = ~torch.isfinite(g).all(1)
         if bad.any():
             raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
@@ -267,7 +308,7 @@ def _features(model, examples, grad_type, adam, projection, batch_size, method="
 
 # ============================================================================
 # 3. Machinery
-# --- optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer
+# --- optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer; eta
 def trainer_param_order(model):
     """(trainable names in the order a Trainer numbers them -- decay group, then no-decay group --, group sizes)."""
     from transformers import Trainer
@@ -297,8 +338,8 @@ def _state_by_name(source, model, param_order):
     if param_order is None:  # keyed by index in param_groups order: a Trainer's decay group first
         param_order, trainer_sizes = trainer_param_order(model)
         if [s for s in sizes if s] != [s for s in trainer_sizes if s]:
-            raise ValueError(f"{source}: param_groups sizes {sizes} do not match a Trainer's decay/no-decay grouping of "
-                             f"this model's trainable parameters {trainer_sizes}; pass param_order")
+            raise ValueError(f"{source}: param_groups sizes {sizes} do not match a Trainer's decay/no-decay grouping "
+                             f"of this model's trainable parameters {trainer_sizes}; pass param_order")
     unknown = set(param_order) - set(dict(trainable_parameters(model)))
     if unknown:
         raise ValueError(f"param_order names {sorted(unknown)[:3]}, not trainable parameters of the model")
@@ -327,17 +368,47 @@ def adam_state(model, source, param_order=None):
             raise ValueError(f"optimizer state has no exp_avg/exp_avg_sq for parameter {n!r}")
         bad = [k for k in ("exp_avg", "exp_avg_sq") if s[k].shape != p.shape]
         if bad:
-            raise ValueError(f"optimizer state {bad[0]} for parameter {n!r} has shape {tuple(s[bad[0]].shape)}, the parameter {tuple(p.shape)}")
-        if not (torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all() and (s["exp_avg_sq"] >= 0).all()):
+            raise ValueError(f"optimizer state {bad[0]} for parameter {n!r} has shape {tuple(s[bad[0]].shape)}, "
+                             f"the parameter {tuple(p.shape)}")
+        if not (torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all()
+                and (s["exp_avg_sq"] >= 0).all()):
             raise ValueError(f"optimizer state for parameter {n!r} has a non-finite entry or a negative exp_avg_sq")
         ms.append(s["exp_avg"].reshape(-1).float().to(p.device))
         vs.append(s["exp_avg_sq"].reshape(-1).float().to(p.device))
     return torch.cat(ms), torch.cat(vs)
 
 
-# --- storage: row i of every feature file belongs to ids[i]; fingerprints of what it was computed from
-def _sha(parts, chunk_bytes=2 ** 28):
-    """sha256 (16 hex) of a sequence of bytes and tensors (a tensor's raw bytes, copied 256 MiB at a time)."""
+def checkpoint_weights_from_trainer_state(path):
+    """LESS's checkpoint weights eta_i: the mean logged learning rate of epoch i (log entries with epoch in
+    (i - 1, i]) of a transformers trainer_state.json. A missing epoch, or a learning rate that is not a finite
+    number >= 0, is an error naming the file and the entry."""
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable trainer_state.json ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise ValueError(f"{path} has no 'log_history' list: not a transformers trainer_state.json")
+    by_epoch = {}
+    for i, e in enumerate(state["log_history"]):
+        if isinstance(e, dict) and "learning_rate" in e and "epoch" in e:
+            for name in ("learning_rate", "epoch"):
+                v = e[name]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise ValueError(f"{path}: log_history[{i}] has {name} {v!r}, not a finite number >= 0")
+            by_epoch.setdefault(max(1, math.ceil(e["epoch"] - 1e-9)), []).append(e["learning_rate"])
+    if not by_epoch:
+        raise ValueError(f"{path} has no log entry with both 'learning_rate' and 'epoch'")
+    missing = sorted(set(range(1, max(by_epoch) + 1)) - set(by_epoch))
+    if missing:
+        raise ValueError(f"{path}: no learning rate logged in epoch {missing[0]} (epochs {sorted(by_epoch)} have "
+                         "one): each warm-up epoch needs its weight; give the weights instead")
+    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
+
+
+# --- storage: row i of every feature file belongs to ids[i], under one checksum; what the rows were computed from
+def _sha(parts, n_hex=16, chunk_bytes=2 ** 28):
+    """sha256 (n_hex hex digits) of a sequence of bytes and tensors (a tensor's raw bytes, 256 MiB at a time)."""
     import ctypes
     h = hashlib.sha256()
     for x in parts:
@@ -348,59 +419,123 @@ def _sha(parts, chunk_bytes=2 ** 28):
         step = max(1, chunk_bytes // flat.element_size())
         for i in range(0, flat.numel(), step):
             part = flat[i:i + step].contiguous().cpu()
-            h.update(memoryview((ctypes.c_char * (part.numel() * part.element_size())).from_address(part.data_ptr())))
-    return h.hexdigest()[:16]
+            # the tensor's bytes without a copy and without numpy (safetensors reads them the same way)
+            h.update((ctypes.c_char * (part.numel() * part.element_size())).from_address(part.data_ptr()))
+    return h.hexdigest()[:n_hex]
 
 
 def model_fingerprint(model):
     """sha256 of every parameter's name, shape, dtype, trainable flag and bytes, frozen ones too (content, not sums)."""
-    return _sha(x for n, p in model.named_parameters() for x in (f"{n}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad};".encode(), p))
+    return _sha(x for n, p in model.named_parameters()
+                for x in (f"{n}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad};".encode(), p))
+
+
+FILE_FORMAT = "less-ref-features-v2"  # v2: one checksum over every tensor and every metadata field
+
+
+def _file_checksum(tensors, meta):
+    """sha256 of everything a feature file says: each tensor's name, dtype, shape and bytes, and every metadata field
+    (ids, identity, format) as canonical JSON. Ids are inside it: a swapped or edited id is a changed file."""
+    parts = [json.dumps(meta, sort_keys=True).encode()]
+    for k in sorted(tensors):
+        parts += [f"{k}|{tensors[k].dtype}|{tuple(tensors[k].shape)};".encode(), tensors[k]]
+    return _sha(parts, n_hex=64)
+
+
+def _ids_digest(ids):
+    return _sha([json.dumps(ids).encode()])
 
 
 def _write_atomic(tensors, metadata, path):
-    """safetensors file with JSON metadata and a sha256 of its tensors, written to a temp file then renamed."""
+    """A safetensors file with JSON metadata and its checksum, written to a temp file then renamed, with the umask's
+    permissions (safetensors writes 0600: other users' ranks must read it); a failure is an OSError naming it."""
     from safetensors.torch import save_file
-    tmp, meta = f"{path}.tmp{os.getpid()}", dict(metadata, sha256=_sha(tensors[k] for k in sorted(tensors)))
+    meta = dict(metadata, format=FILE_FORMAT)
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+        save_file(tensors, tmp, metadata={**{k: json.dumps(v) for k, v in meta.items()},
+                                          "checksum": _file_checksum(tensors, meta)})
         mask = os.umask(0)
         os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # safetensors writes 0600; other users' ranks must read it like any file
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
-    except OSError as e:  # disk full, read-only directory: say which file
-        os.path.exists(tmp) and os.remove(tmp)
-        raise OSError(e.errno, f"{path}: cannot write ({e.strerror or e})") from None
+    except Exception as e:  # disk full, read-only directory (safetensors' own error is not an OSError)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(getattr(e, "errno", None), f"{path}: cannot write ({getattr(e, 'strerror', None) or e})") \
+            from None
 
 
 def _read_features(path):
-    """(tensors, metadata) of a feature file with rows = ids, unique ids, proj_dim columns; else a ValueError."""
+    """(tensors, metadata) of a feature file after checking, on every read: its checksum (mandatory), rows = ids,
+    unique ids, proj_dim columns; else a ValueError naming the file."""
     from safetensors import safe_open
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ValueError(f"{path}: no such feature file (collect writes features.safetensors when it finishes)")
     try:
         with safe_open(str(path), "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            raw = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        checksum = raw.pop("checksum", None)
+        meta = {k: json.loads(v) for k, v in raw.items()}
     except Exception as e:
-        raise ValueError(f"{path}: unreadable feature file ({type(e).__name__}: {e}); delete it and re-run") from None
-    if "sha256" in meta and meta["sha256"] != _sha(tensors[k] for k in sorted(tensors)):
-        raise ValueError(f"{path}: its content does not match its checksum (a corrupt file); delete it and re-run")
+        raise ValueError(f"{path}: not a readable feature file ({type(e).__name__}: {str(e)[:200]})") from None
+    if checksum is None or meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path}: no checksum of the {FILE_FORMAT} format: a file of an older version of less_ref, "
+                         "of another tool, or an edited one; it is not trusted (collect it again into a new directory)")
+    if checksum != _file_checksum(tensors, meta):
+        raise ValueError(f"{path}: its content (features, ids or metadata) does not match its checksum: the file was "
+                         "changed after it was written; it is not used")
     if "features" not in tensors or "ids" not in meta or "identity" not in meta:
         raise ValueError(f"{path}: not a feature file (needs 'features', 'ids' and 'identity')")
-    x, ids = tensors["features"], meta["ids"]
-    if x.shape[0] != len(ids) or x.shape[1] != meta["identity"]["proj_dim"]:
-        raise ValueError(f"{path}: {tuple(x.shape)} features for {len(ids)} ids and proj_dim {meta['identity']['proj_dim']}")
-    if len(set(map(json.dumps, ids))) != len(ids):
-        raise ValueError(f"{path}: duplicate sample ids")
+    x, ids, k = tensors["features"], meta["ids"], meta["identity"]["proj_dim"]
+    if x.dim() != 2 or x.shape[0] != len(ids) or x.shape[1] != k:
+        raise ValueError(f"{path}: {tuple(x.shape)} features for {len(ids)} ids and proj_dim {k}")
+    first = {}
+    for i, sid in enumerate(ids):
+        if first.setdefault(json.dumps(sid), i) != i:
+            raise ValueError(f"{path}: sample id {sid!r} labels two rows ({first[json.dumps(sid)]} and {i})")
     return tensors, meta
 
 
 def load_features(path, merged=False):
-    """(features float32 (N, k), ids list, identity dict) from a chunk or (merged=True: only) a merged file."""
+    """(features float32 (N, k), ids list, identity dict) from a chunk or (merged=True: only) a merged file. Every
+    read checks the file's checksum, which covers the ids; a merged file's ids must be the collection's, in order."""
     tensors, meta = _read_features(path)
     if merged and "positions" in tensors:
         raise ValueError(f"{path} is one chunk of a collection, not its merged features.safetensors")
+    if "positions" not in tensors and _ids_digest(meta["ids"]) != meta["identity"].get("ids"):
+        raise ValueError(f"{path}: its ids are not the ones its collection was given (in that order)")
     return tensors["features"], meta["ids"], meta["identity"]
+
+
+class _Progress:
+    """A tqdm bar on a terminal; in a log file (nohup, a scheduler) a line on stderr after the first batch, then every
+    PROGRESS_SECONDS (environment, default 30) and at the end: records done / total, rate, ETA."""
+
+    def __init__(self, total, desc, rank=0, initial=0):
+        self.total, self.desc, self.done, self.start, self.t0, self.last = total, desc, initial, initial, time.time(), \
+            None
+        self.every, self.bar = float(os.environ.get("PROGRESS_SECONDS", 30)), None
+        if sys.stderr.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc=desc, position=rank, unit="record")
+
+    def update(self, n):
+        self.done += n
+        now = time.time()
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.last is None or now - self.last >= self.every or self.done >= self.total:
+            self.last, rate = now, (self.done - self.start) / max(now - self.t0, 1e-9)
+            eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
+            print(f"{self.desc}: {self.done}/{self.total} records ({100 * self.done / max(self.total, 1):.0f}%), "
+                  f"{rate:.2f} records/s, ETA {eta}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _world():
@@ -433,8 +568,7 @@ def _sync(rank, world, fn):
 def shard_positions(n, rank, world):
     """DistributedSampler's split (shuffle=False): rank r takes r, r + world, ... of the positions padded to a
     multiple of world by repeats from the start (the merge drops them)."""
-    total = -(-n // world) * world
-    return [i % n for i in range(rank, total, world)]
+    return [i % n for i in range(rank, -(-n // world) * world, world)]
 
 
 def _chunk_paths(out_dir, rank, world, n_chunks):
@@ -461,17 +595,20 @@ def _check_identity(out_dir, identity):
     try:
         with open(id_path) as f:
             old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
     except ValueError as e:
-        raise ValueError(f"{id_path}: unreadable ({e}); delete {out_dir} and re-run") from None
+        raise ValueError(f"{id_path}: unreadable ({e}): not an identity.json that collect finished writing; "
+                         "collect into a new directory") from None
     diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if diff:
         raise ValueError(f"{out_dir} holds features of another configuration "
                          f"({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); "
-                         "use a new directory or delete it")
+                         "collect into a new directory")
 
 
 def _holds(path, identity, positions=None):
-    """True if path is a readable, uncorrupted feature file of this identity (and these dataset positions)."""
+    """True if path is a readable, unchanged feature file of this identity (and these dataset positions)."""
     try:
         tensors, meta = _read_features(path)
         return meta["identity"] == identity and (positions is None or tensors["positions"].tolist() == positions)
@@ -480,7 +617,7 @@ def _holds(path, identity, positions=None):
 
 
 def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state=None, projection=Projection(),
-                     checkpoint="", chunk_size=160, batch_size=8, method="vmap"):
+                     checkpoint="", chunk_size=160, batch_size=8, vmap=True):
     """Projected features of examples written as atomic chunk files of chunk_size rows, merged by rank 0 into
     out_dir/features.safetensors (the path returned); under torchrun rank r takes its DistributedSampler shard.
     A re-run resumes; another configuration is refused naming the field; errors name the sample id and stop
@@ -493,14 +630,15 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
             raise ValueError(f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
         _whole("chunk_size", chunk_size)
         _whole("batch_size", batch_size)
-        projection(torch.zeros(1, 1))  # checks proj_dim, seed, kind, s
+        _check_projection_args(*projection)
         params = _check_model_inputs(model, examples)
         adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
         data = _sha(json.dumps([e["id"], _as_long(e["input_ids"]).tolist(), _as_long(e["labels"]).tolist()]).encode()
                     for e in examples)  # ids, tokens and labels, in order
-        identity = dict(projection.identity(sum(p.numel() for _, p in params)), grad_type=grad_type, checkpoint=str(checkpoint),
-                        model=model_fingerprint(model), n_examples=len(examples), data=data, chunk_size=chunk_size,
-                        world_size=world, optimizer=None if adam is None else _sha(adam))
+        identity = dict(projection.identity(sum(p.numel() for _, p in params)), grad_type=grad_type,
+                        checkpoint=str(checkpoint), model=model_fingerprint(model), n_examples=len(examples),
+                        data=data, chunk_size=chunk_size, world_size=world,
+                        optimizer=None if adam is None else _sha(adam), ids=_ids_digest([e["id"] for e in examples]))
         return identity, adam
 
     identity, adam = _sync(rank, world, prepare)  # nothing is written before every argument is checked
@@ -519,17 +657,16 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
             os.remove(os.path.join(shard, f))
     for c, path in enumerate(paths):  # chunks of an earlier run: kept if whole and ours, else recomputed
         if os.path.exists(path) and not _holds(path, identity, chunks[c]):
-            warnings.warn(f"{path}: truncated, corrupt or of another configuration; recomputing it")
+            warnings.warn(f"{path}: truncated, changed or of another configuration; recomputing it")
             os.remove(path)
     todo = [c for c, path in enumerate(paths) if not os.path.exists(path)]
 
     def compute():
-        from tqdm import tqdm  # a bar on a terminal only (disable=None)
-        bar = tqdm(total=len(positions), initial=len(positions) - sum(len(chunks[c]) for c in todo), disable=None,
-                   desc=f"rank {rank}: {grad_type} features {checkpoint}", position=rank)
+        bar = _Progress(len(positions), f"rank {rank}: {grad_type} features {checkpoint}".rstrip(), rank,
+                        initial=len(positions) - sum(len(chunks[c]) for c in todo))
         for c in todo:
             chunk = [examples[i] for i in chunks[c]]
-            feats = _features(model, chunk, grad_type, adam, projection, batch_size, method, bar=bar)
+            feats = _features(model, chunk, grad_type, adam, projection, batch_size, vmap, bar=bar)
             _write_atomic({"features": feats.cpu().contiguous(), "positions": torch.tensor(chunks[c])},
                           {"ids": [ex["id"] for ex in chunk], "identity": identity}, paths[c])
         bar.close()
@@ -539,27 +676,27 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     return merged
 
 
-
 def merge_features(out_dir):
     """Every shard's rows in dataset order, padding repeats dropped, L2-normalised, written to features.safetensors;
-    (features, ids, identity). Refuses a missing rank or chunk, a foreign chunk and two rows for one id."""
+    (features, ids, identity). Refuses a missing rank or chunk, a foreign chunk, two rows for one id, and ids that
+    are not the collection's."""
     with open(os.path.join(out_dir, "identity.json")) as f:
         identity = json.load(f)
-    n, world = identity["n_examples"], identity["world_size"]
+    n, world, size = identity["n_examples"], identity["world_size"], identity["chunk_size"]
     feats, ids, filled = torch.zeros(n, identity["proj_dim"]), [None] * n, torch.zeros(n, dtype=torch.bool)
     for rank in range(world):
         positions = shard_positions(n, rank, world)
-        shard, paths = _chunk_paths(out_dir, rank, world, -(-len(positions) // identity["chunk_size"]))
+        shard, paths = _chunk_paths(out_dir, rank, world, -(-len(positions) // size))
         if not os.path.isdir(shard):
             raise ValueError(f"{out_dir}: rank {rank} of {world} wrote nothing ({shard} is missing)")
-        for path, start in zip(paths, range(0, len(positions), identity["chunk_size"])):
+        for path, start in zip(paths, range(0, len(positions), size)):
             if not os.path.exists(path):
-                raise ValueError(f"{out_dir}: rank {rank} has not finished (no {os.path.basename(path)}); resume the collection")
+                raise ValueError(f"{out_dir}: rank {rank} has not finished (no {os.path.basename(path)}); resume it")
             tensors, meta = _read_features(path)
             x, chunk_ids, pos = tensors["features"], meta["ids"], tensors["positions"].tolist()
             if meta["identity"] != identity:
                 raise ValueError(f"{path} was written by another configuration than {out_dir}/identity.json")
-            if pos != positions[start:start + identity["chunk_size"]]:
+            if pos != positions[start:start + size]:
                 raise ValueError(f"{path} holds positions {pos[:5]}..., not rank {rank}'s shard")
             for row, i, sid in zip(x, pos, chunk_ids):
                 if filled[i]:
@@ -567,6 +704,8 @@ def merge_features(out_dir):
                         raise ValueError(f"{out_dir}: two different rows for sample id {sid!r} (position {i})")
                     continue
                 feats[i], ids[i], filled[i] = row, sid, True
+    if _ids_digest(ids) != identity["ids"]:
+        raise ValueError(f"{out_dir}: the chunks' ids in dataset order are not the ids the collection was given")
     feats = _normalise_rows(feats, f"{out_dir} feature")
     _write_atomic({"features": feats.contiguous()}, {"ids": ids, "identity": identity},
                   os.path.join(out_dir, "features.safetensors"))
@@ -574,17 +713,24 @@ def merge_features(out_dir):
 
 
 def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
-    """influence_scores over merged feature files, one train and one val file per checkpoint, after checking
-    that each pair shares projection (kind, seed, sizes), checkpoint and model, and that the train (and the val)
-    files hold the same ids in the same order at every checkpoint. Returns (scores, train ids)."""
-    train_paths, val_paths = list(train_paths), list(val_paths)
+    """influence_scores over merged feature files, one train and one val file per checkpoint in epoch order, after
+    checking that each pair shares projection (kind, seed, sizes), checkpoint and model; that the validation side
+    is plain gradients (grad_type sgd); that no checkpoint comes twice or out of order (names ending in their step);
+    and that the train (and the val) files hold the same ids in the same order at every checkpoint.
+    Returns (scores, train ids)."""
+    train_paths, val_paths = [str(p) for p in train_paths], [str(p) for p in val_paths]
     if len(train_paths) != len(val_paths) or not train_paths:
         raise ValueError(f"need one train and one val file per checkpoint, got {len(train_paths)} and {len(val_paths)}")
     train, val = ([load_features(p, merged=True) for p in paths] for paths in (train_paths, val_paths))
+    per_file = {"grad_type", "data", "ids", "n_examples", "chunk_size", "world_size", "optimizer"}
     for tp, vp, (_, _, ti), (_, _, vi) in zip(train_paths, val_paths, train, val):
-        for key in sorted((set(ti) | set(vi)) - {"grad_type", "data", "n_examples", "chunk_size", "world_size", "optimizer"}):
+        for key in sorted((set(ti) | set(vi)) - per_file):
             if ti.get(key) != vi.get(key):
                 raise ValueError(f"{tp} and {vp} are incompatible: {key} is {ti.get(key)!r} vs {vi.get(key)!r}")
+        if vi["grad_type"] != "sgd":
+            raise ValueError(f"{vp} holds {vi['grad_type']} features: LESS's validation side is plain gradients "
+                             "(collect it with grad_type sgd)")
+    _check_checkpoint_order(train_paths, [t[2] for t in train])
     for paths, side, why in ((train_paths, train, ""), (val_paths, val, ": the mean over subtasks needs the same "
                                                         "validation examples in the same order")):
         a = side[0][1]
@@ -597,7 +743,7 @@ def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
 
 
 # --- dynamic selection during training (DataFlex: re-select total_train_batch_size * update_step every update_step)
-def select_step(model, optimizer, pool, val, n_select, projection=Projection(), batch_size=8, method="vmap",
+def select_step(model, optimizer, pool, val, n_select, projection=Projection(), batch_size=8, vmap=True,
                 eps_outside=True):
     """Indices (descending score) of the n_select pool examples whose Adam features (live moments, current
     weights) best match the validation gradients on average: DataFlex's score, with its m_hat / (sqrt(v_hat) +
@@ -607,11 +753,10 @@ def select_step(model, optimizer, pool, val, n_select, projection=Projection(), 
     adam = adam_state(model, optimizer)
     was_training = model.training
     mine = list(range(rank, len(pool), world))
-    from tqdm import tqdm  # a bar on a terminal only (disable=None)
-    bar = tqdm(total=len(val) + len(mine), desc=f"rank {rank}: select_step", position=rank, disable=None)
+    bar = _Progress(len(val) + len(mine), f"rank {rank}: select_step", rank)
     try:
-        v = _features(model, val, "sgd", None, projection, batch_size, method, bar=bar)
-        t = _features(model, [pool[i] for i in mine], "adam", adam, projection, batch_size, method, eps_outside, bar)
+        v = _features(model, val, "sgd", None, projection, batch_size, vmap, bar=bar)
+        t = _features(model, [pool[i] for i in mine], "adam", adam, projection, batch_size, vmap, eps_outside, bar)
         local = influence_scores(t, v).cpu() if mine else torch.zeros(0)
     finally:
         model.train(was_training)
@@ -637,7 +782,9 @@ def encode_example(record, tokenizer, max_length=2048):
     ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if "messages" in record:
         msgs = record["messages"]
-        render = lambda m, gen=False: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+        def render(m, gen=False):
+            return tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
+
         ids = ids_of(render(msgs))
         labels = [-100] * len(ids)
         for i, m in enumerate(msgs):
@@ -658,7 +805,7 @@ def encode_example(record, tokenizer, max_length=2048):
 
 
 # ============================================================================
-# 5. Input checks: every bad input is an error that says what and where
+# 5. Input checks: every bad input is an error that says what and where, checked once at the public boundary
 def _whole(name, v, lo=1, hi=math.inf):
     """A whole-number argument (not a float, bool or str) in [lo, hi], else a ValueError naming it."""
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -673,7 +820,8 @@ def _check_record(record, max_length):
         raise ValueError(f"record {sid!r} needs 'prompt' and 'response', or 'messages'; it has {sorted(record)}")
     if "messages" not in record and not (isinstance(record["prompt"], str) and isinstance(record["response"], str)):
         raise TypeError(f"record {sid!r}: prompt and response must be strings")
-    if "messages" in record and not (isinstance(msgs, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)):
+    if "messages" in record and not (isinstance(msgs, list) and
+                                     all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)):
         raise TypeError(f"record {sid!r}: messages must be a list of {{'role', 'content'}} objects, content a string")
     if "messages" in record and not any(m.get("role") == "assistant" for m in msgs):
         raise ValueError(f"record {sid!r} has no assistant turn: no token to learn from")
@@ -688,20 +836,23 @@ def _check_rows(row0, nrows, per_row):
                          f"{per_row} = {2 ** 63 // per_row} for this proj_dim")
 
 
-def _check_projection(x, proj_dim, row_offset, kind, s, block_rows):
+def _check_projection_args(proj_dim, seed, kind, s):
+    _whole("proj_dim", proj_dim)
+    _whole("seed", seed, 0, 2 ** 32 - 1)
+    if kind not in PROJECTION_KINDS:
+        raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
+    if kind == "sjlt":
+        _whole(f"s (sjlt nonzeros per row, <= proj_dim={proj_dim})", s, 1, proj_dim)
+
+
+def _check_projection(x, proj_dim, seed, row_offset, kind, s, block_rows):
     """(N, D) of a valid project() call; any bad argument is a ValueError naming it."""
     if x.dim() != 2:
         raise ValueError(f"x must be (N, D) or (D,), got shape {tuple(x.shape)}")
-    _whole("proj_dim", proj_dim)
+    _check_projection_args(proj_dim, seed, kind, s)
     if block_rows is not None:
         _whole("block_rows", block_rows)
-    if kind == "rademacher":
-        _check_rows(row_offset, x.shape[1], (proj_dim + 31) // 32)
-    elif kind == "sjlt":
-        _whole(f"s (sjlt nonzeros per row, <= proj_dim={proj_dim})", s, 1, proj_dim)
-        _check_rows(row_offset, x.shape[1], s)
-    else:
-        raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
+    _check_rows(row_offset, x.shape[1], (proj_dim + 31) // 32 if kind == "rademacher" else s)
     return x.shape
 
 
@@ -717,9 +868,11 @@ def _check_influence_inputs(train, val, checkpoint_weights, n_subtasks):
                              "(N, k) and (M, k): an empty side has no score")
         if v.shape[0] != M or t.shape[1] != v.shape[1] or t.shape[0] != train[0].shape[0]:
             raise ValueError(f"checkpoint {i}: train {tuple(t.shape)} and val {tuple(v.shape)} do not match the others")
-    eta = torch.ones(len(train)) if checkpoint_weights is None else torch.as_tensor(checkpoint_weights, dtype=torch.float64)
+    eta = torch.ones(len(train)) if checkpoint_weights is None else \
+        torch.as_tensor(checkpoint_weights, dtype=torch.float64)
     if eta.numel() != len(train) or (eta < 0).any() or eta.sum() <= 0 or not torch.isfinite(eta).all():
-        raise ValueError(f"checkpoint_weights must be {len(train)} finite non-negative numbers with a positive sum, got {eta.tolist()}")
+        raise ValueError(f"checkpoint_weights must be {len(train)} finite non-negative numbers with a positive sum, "
+                         f"got {eta.tolist()}")
     if M % n_subtasks:
         raise ValueError(f"n_subtasks={n_subtasks} does not divide the {M} validation examples into equal subtasks")
     return (eta / eta.sum()).tolist(), M
@@ -730,17 +883,60 @@ def _check_selection(scores, fraction, k):
     if (fraction is None) == (k is None):
         raise ValueError("give exactly one of fraction or k")
     if not torch.is_tensor(scores) or scores.dim() != 1:
-        raise ValueError(f"scores must be a 1-D tensor (one score per example), got {getattr(scores, 'shape', type(scores))}")
-    N = scores.shape[0]
+        raise ValueError(f"scores must be a 1-D tensor (a score per example), got "
+                         f"{getattr(scores, 'shape', type(scores))}")
     if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    k = int(fraction * N) if fraction is not None else k
-    _whole("k", k, 0)
-    if k > N:
-        raise ValueError(f"k must be in [0, {N}], got {k}")
+    k = int(fraction * scores.shape[0]) if fraction is not None else k
+    _whole("k", k, 0, scores.shape[0])
     if torch.isnan(scores).any():
         raise ValueError(f"score {torch.isnan(scores).nonzero()[0].item()} is NaN")
     return k
+
+
+def _check_weights(model, weights, i):
+    """A checkpoint's state_dict must name only the model's parameters and buffers and hold every trainable one:
+    weights saved under another prefix (base_model.model.) would otherwise load nothing, silently."""
+    if not isinstance(weights, dict):
+        raise TypeError(f"checkpoint {i}: weights must be a state_dict (a dict of tensors) or None, got "
+                        f"{type(weights).__name__}")
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    missing = [n for n, _ in trainable_parameters(model) if n not in weights]
+    if unexpected or missing:
+        raise ValueError(f"checkpoint {i}: weights do not fit the model: " + "; ".join(
+            f"{what} {v[:3]}{' ...' if len(v) > 3 else ''}" for what, v in
+            (("unexpected keys", unexpected), ("missing trainable parameters", missing)) if v))
+
+
+def _check_moments(moments, D, where):
+    """(exp_avg, exp_avg_sq): two (D,) tensors, finite, exp_avg_sq >= 0 (a live optimizer goes through adam_state)."""
+    if not (isinstance(moments, (tuple, list)) and len(moments) == 2 and all(torch.is_tensor(m) for m in moments)):
+        raise TypeError(f"{where}: moments must be (exp_avg, exp_avg_sq) tensors, got {type(moments).__name__}; "
+                        "adam_state(model, optimizer_or_file) gives them")
+    for name, m in zip(("exp_avg", "exp_avg_sq"), moments):
+        if m.shape != (D,):
+            raise ValueError(f"{where}: {name} has shape {tuple(m.shape)}, the gradient {D} entries")
+        if not torch.isfinite(m).all() or (name == "exp_avg_sq" and (m < 0).any()):
+            raise ValueError(f"{where}: {name} has a non-finite{' or negative' if name == 'exp_avg_sq' else ''} entry")
+
+
+def _check_checkpoint_order(paths, identities):
+    """match: each checkpoint once (its name, its model and moments), in epoch order when every name ends in its step
+    (checkpoint-<step>): the weights are given in that order, so a file out of place takes another epoch's weight."""
+    seen = {}
+    for path, ident in zip(paths, identities):
+        for key, what in (((ident["checkpoint"],), f"checkpoint {ident['checkpoint']!r}"),
+                          ((ident["model"], ident["optimizer"]), "the same model and optimizer state")):
+            if key in seen and key != ("",):
+                raise ValueError(f"{path} and {seen[key]} are the same checkpoint ({what}): give each checkpoint's "
+                                 "files once")
+            seen[key] = path
+    steps = [re.search(r"(\d+)$", ident["checkpoint"]) for ident in identities]
+    for i in range(1, len(steps) if all(steps) else 0):
+        if int(steps[i].group(1)) <= int(steps[i - 1].group(1)):
+            raise ValueError(f"train files out of epoch order: {paths[i]} (checkpoint {identities[i]['checkpoint']!r}) "
+                             f"comes after {paths[i - 1]} ({identities[i - 1]['checkpoint']!r}); give the files in "
+                             "epoch order, as the checkpoint weights are")
 
 
 def _check_model_inputs(model, examples):
@@ -749,7 +945,8 @@ def _check_model_inputs(model, examples):
     if not params:
         raise ValueError("the model has no trainable parameter (requires_grad): nothing to take gradients of")
     emb = getattr(model, "get_input_embeddings", lambda: None)()
-    check_examples(examples, getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None))
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    check_examples(examples, vocab)
     return params
 
 
@@ -765,8 +962,11 @@ def _token_tensor(ex, key, i):
     t = torch.as_tensor(ex[key])
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"sample id {sid!r}: {key} must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
+    if t.is_floating_point():
+        t = torch.as_tensor(ex[key], dtype=torch.float64)  # 84.7 named as given, not as its float32 rounding
     if (t.is_complex() or t.dtype == torch.bool) or (t.is_floating_point() and not torch.equal(t, t.round())):
-        raise ValueError(f"sample id {sid!r}: {key} must be whole numbers, got {t[t != t.round()][:3].tolist() if t.is_floating_point() else t.dtype}")
+        got = t[t != t.round()][:3].tolist() if t.is_floating_point() else t.dtype
+        raise ValueError(f"sample id {sid!r}: {key} must be whole numbers, got {got}")
     return t.long()
 
 
@@ -777,21 +977,23 @@ def check_examples(examples, vocab_size=None):
     seen, empty = {}, []
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict) or "id" not in ex:
-            raise ValueError(f"example at position {i} has no 'id' (examples are dicts with 'id', 'input_ids', 'labels')")
+            raise ValueError(f"example at position {i} has no 'id' (examples: dicts of 'id', 'input_ids', 'labels')")
         sid = ex["id"]
         if isinstance(sid, bool) or not isinstance(sid, (str, int)):
-            raise ValueError(f"sample id at position {i} must be a str or int (stored as JSON), got {type(sid).__name__} {sid!r}")
+            raise ValueError(f"sample id at position {i} must be a str or int (stored as JSON), got "
+                             f"{type(sid).__name__} {sid!r}")
         if sid in seen:
             raise ValueError(f"duplicate sample id {sid!r} at positions {seen[sid]} and {i}")
         seen[sid] = i
         ids, lab = _token_tensor(ex, "input_ids", i), _token_tensor(ex, "labels", i)
         if lab.shape != ids.shape:
-            raise ValueError(f"sample id {sid!r}: labels and input_ids differ in length ({lab.numel()} vs {ids.numel()})")
+            raise ValueError(f"sample id {sid!r}: labels and input_ids differ in length ({lab.numel()}, {ids.numel()})")
         hi = vocab_size if vocab_size is not None else float("inf")
-        for what, t, bad in (("token id", ids, (ids < 0) | (ids >= hi)), ("label", lab, (lab != -100) & ((lab < 0) | (lab >= hi)))):
+        for what, t, bad in (("token id", ids, (ids < 0) | (ids >= hi)),
+                             ("label", lab, (lab != -100) & ((lab < 0) | (lab >= hi)))):
             if bad.any():
-                raise ValueError(f"sample id {sid!r}: {what} {t[bad][0].item()} at index {bad.nonzero()[0].item()} is outside "
-                                 f"the vocabulary [0, {vocab_size}){' and not -100' if what == 'label' else ''}")
+                raise ValueError(f"sample id {sid!r}: {what} {t[bad][0].item()} at index {bad.nonzero()[0].item()} is "
+                                 f"outside the vocabulary [0, {vocab_size})" + " and not -100" * (what == "label"))
         if (lab[1:] == -100).all():  # position 0 is never predicted
             empty.append(sid)
     if empty:

@@ -10,11 +10,13 @@ K fixed thresholds tau_1 < ... < tau_K in [0, 1] with learned weights w_i >= 0:
 A single threshold tau = p_base with w = 1 is min-p; tau = 0 alone is plain sampling.
 A head (w = softplus(theta)) is trained by the cross-entropy of q at reference tokens.
 
-Reading order: 1. the transform and its loss in plain torch; 2. the classic samplers
-done right; 3. the head and its training (band statistics: for fixed thresholds a row's
-loss needs K numbers, not V); 4. generation and a transformers LogitsProcessor; 5. the
-fused, chunked loss (the fast path of 1's plain loss); 6. input checks. The tools
-(train, eval, generate, demo) are in cli/minpp.py. Imports with torch alone.
+Reading order: 1. the transform and its loss in plain torch (minpp_loss_plain, the
+definition, beside minpp_loss, its fused entry point); 2. the classic samplers done right;
+3. bucketing tokens on a threshold grid (shared by the fused loss and the head's
+statistics); 4. the fused, chunked loss; 5. the head and its training (band statistics:
+for fixed thresholds a row's loss needs K numbers, not V); 6. generation and a transformers
+LogitsProcessor; 7. input checks. The contract: SPEC.md part M. The tools (train, eval,
+generate, demo) are in cli/minpp.py. Imports with torch alone.
 
 Precision: every function computes in float32 whatever the input dtype (fp32 / fp16
 / bf16) and returns float32 (band statistics: float64). Thresholds are compared in float32.
@@ -27,6 +29,13 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+__all__ = ["unit_weights", "prefix_weights", "cumulative_weights", "minpp_probs", "minpp_logits", "minpp_loss_plain",
+           "minpp_loss", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "next_token_probs",
+           "next_token", "uniform_grid", "threshold_grid", "MinPPlusHead", "weight_entropy", "regulariser",
+           "answer_logits", "train_head", "BandStats", "band_statistics", "band_loss", "generate",
+           "minpp_logits_processor", "check_thresholds"]
+
 
 # ============================================================================
 # 1. The method: the MinP+ transform and its loss, in plain torch
@@ -79,8 +88,29 @@ def minpp_logits(logits, tau, w, check=True):
 def minpp_loss_plain(logits, target, tau, w, ignore_index=-100):
     """The definition of the training loss: mean over scored rows of -log q_t, q = softmax(z + log c), i.e.
     F.cross_entropy(minpp_logits(z, tau, w), target), z = logits / T already. float32; (N, V) in memory --
-    minpp_loss computes the same chunk by chunk."""
+    minpp_loss, right below, computes the same chunk by chunk."""
     return F.cross_entropy(minpp_logits(logits, tau, w), target, ignore_index=ignore_index)
+
+
+def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
+    """Equal to minpp_loss_plain (mean over scored rows of -log q_t, float32), chunked, never (N, V) in memory:
+    no (N, V) c is kept, backward recomputes chunk by chunk (_MinPPCrossEntropy, section 4), so memory stays that
+    of the logits' gradient. A target with c_t = 0 has probability 0: its loss is +inf (math, not a bug) and a
+    warning says how many and where. Gradients flow to logits and w."""
+    scored, n, chunk_rows = _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows)
+    log_tau = tau.to(logits.device, torch.float32).log()
+    w1 = unit_weights(w)  # q is scale-free in w; max 1 keeps extreme weights exact (grad: d w1 / d w by autograd)
+    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows, n)
+    if torch.isinf(loss):  # rare: name the rows (plain form, no grad); the mean of finite rows is finite
+        with torch.no_grad():
+            lz = minpp_logits(logits[scored], tau, w)
+            bad = torch.isinf(F.cross_entropy(lz, target[scored], reduction="none"))
+            zero_c, rows = torch.isneginf(lz.gather(1, target[scored, None])[:, 0]) & bad, scored.nonzero()[:, 0][bad]
+        warnings.warn(f"MinP+ loss is inf at {rows.numel()} target(s), first at row {rows[0].item()}: "
+                      f"{int(zero_c.sum())} have c = 0 (below every threshold with weight > 0; add tau = 0 to the "
+                      f"grid), {int(bad.sum() - zero_c.sum())} have a probability that underflows float32 (logits far "
+                      "apart)")
+    return loss
 
 
 # ============================================================================
@@ -159,7 +189,169 @@ def next_token(logits, do_sample=True, generator=None, **filters):
 
 
 # ============================================================================
-# 3. The learnable head and its training
+# 3. Bucketing tokens on a threshold grid (shared by the fused loss and the head's statistics)
+
+
+def uniform_grid(log_tau):
+    """(space, c1, inv_h, n0, K) for evenly spaced thresholds: a token's bucket (number of thresholds <= r) is
+    trunc(u), u = x / h + c1, x = log r ('log': positive thresholds evenly spaced in log tau) or r ('linear').
+    Each float32 threshold must land within 1e-4 of its integer, so tokens with u 1e-3 or more from an integer
+    are bucketed exactly (u is monotone in log r) and the few nearer ones are bucketized. None otherwise."""
+    lt = log_tau.float().cpu()
+    n0, K = int(torch.isneginf(lt).sum()), lt.numel()
+    for space, x in (("log", lt[n0:]), ("linear", lt.exp())):
+        first = n0 if space == "log" else 0  # bucket index of the first threshold of x, minus 1
+        if x.numel() < 2 or not (x[-1] > x[0]):
+            continue
+        h = (x[-1].double() - x[0].double()).item() / (x.numel() - 1)
+        inv_h, c1 = 1 / h, first + 1 - x[0].item() / h
+        u = torch.mul(x, inv_h).add_(c1)
+        if (u - torch.arange(first + 1, first + 1 + x.numel())).abs().max() < 1e-4:
+            return space, c1, inv_h, n0, K
+    return None
+
+
+def _bucket_workspace(z):
+    """Chunk-sized buffers reused by every chunk (fresh large allocations cost page faults)."""
+    return {"u": torch.empty(z.shape, device=z.device), "tmp": torch.empty(z.shape, device=z.device),
+            "j": torch.empty(z.shape, dtype=torch.long, device=z.device),
+            "near": torch.empty(z.shape, dtype=torch.bool, device=z.device)}
+
+
+def _dense_buckets(z, m, log_tau, grid, e, ws, fix=None):
+    """e = exp(z - m) written into e (float32), and every token's bucket (int64 (n, V), in ws); the tokens
+    within 1e-3 of a threshold in u are bucketized exactly (fix = their (positions, buckets), found if None)."""
+    space, c1, inv_h, n0, K = grid
+    n = z.shape[0]
+    u, tmp, j, near = (ws[k][:n] for k in ("u", "tmp", "j", "near"))
+    torch.sub(z, m, out=e)
+    if space == "log":
+        torch.mul(e, inv_h, out=u).add_(c1)
+    e.exp_()
+    if space == "linear":
+        torch.mul(e, inv_h, out=u).add_(c1)
+    u.clamp_(n0 + 0.25, K + 0.25)  # below every positive threshold: bucket n0, and not "near" an integer
+    j.copy_(u)  # trunc: the bucket
+    if fix is None:
+        torch.round(u, out=tmp).sub_(u).abs_()
+        pos = torch.lt(tmp, 1e-3, out=near).view(-1).nonzero()[:, 0]
+        d = z.reshape(-1)[pos].float() - m[pos // z.shape[1], 0]
+        fix = pos, torch.bucketize(d, log_tau, right=True)
+    j.view(-1)[fix[0]] = fix[1]
+    return j, fix
+
+
+# ============================================================================
+# 4. Fast path: the fused, chunked loss behind minpp_loss (== minpp_loss_plain), never (N, V) in memory
+
+
+class _MinPPCrossEntropy(torch.autograd.Function):
+    """Sum over rows of -log q_t, q = softmax(z + log c), chunk by chunk, no (N, V) c kept for backward. With m
+    the row max, d = z - m (log r), e = exp(d), S = sum_v e_v c_v, c_v = prefix[bucket_v], H_j = sum of e over
+    bucket j:  row loss = log S - d_t - log c_t,  dL/dz_v = e_v c_v / S - [v = t],
+    dL/dprefix_j = H_j / S - [t in bucket j] / c_t,  dL/dw_i = sum_{j > i} dL/dprefix_j.  Buckets, exactly:
+    - evenly spaced grids (uniform_grid): every token's bucket in O(1); H (K + 1 per row) kept for dL/dw, the
+      buckets recomputed in backward for dL/dz;
+    - other grids: tokens below the smallest positive threshold share c_low, so S = c_low sum_v e_v +
+      sum_{v above} e_v (c_v - c_low) and only those above are bucketized.
+    Per-token work in float32; the sums over rows (the loss, dL/dw) accumulate in float64."""
+
+    @staticmethod
+    def _candidates(z, m, log_tau):
+        """(n0, mask of the tokens that may lie above the smallest positive threshold): a cheap test on z with a
+        margin of 1e-3 for rounding; the exact rule is bucketize on d."""
+        n0 = int(torch.isneginf(log_tau).sum())  # thresholds at tau = 0 (at most one)
+        if n0 == log_tau.numel():
+            return n0, torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+        return n0, z >= m + (log_tau[n0] - 1e-3)
+
+    @staticmethod
+    def _above(z, m, log_tau, cand=None):
+        """The tokens with d = z - m >= log tau_min: n0, flat positions, rows, exp(d) and bucket (number of
+        thresholds <= r)."""
+        n0, mask = cand or _MinPPCrossEntropy._candidates(z, m, log_tau)
+        pos = mask.view(-1).nonzero()[:, 0]
+        rows = pos // z.shape[1]
+        d = z.reshape(-1)[pos].float() - m[rows, 0]
+        return n0, pos, rows, d.exp(), torch.bucketize(d, log_tau, right=True)
+
+    @staticmethod
+    def forward(ctx, logits, target, log_tau, w, chunk_rows, n):
+        prefix = prefix_weights(w)
+        grid = uniform_grid(log_tau)
+        scored = target >= 0  # ignored rows come in as -1
+        t = target.clamp(min=0)
+        total = logits.new_zeros((), dtype=torch.float64)  # finite row losses whose float32 sum would overflow
+        stats = []
+        buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
+        ws = None  # the dense path's buffers, made when a chunk first needs them
+        for s in range(0, logits.shape[0], chunk_rows):
+            z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
+            m = _row_max(z, s).float()  # the max is exact in any dtype: no float32 copy of the chunk
+            e = buf[:z.shape[0]]
+            cand = _MinPPCrossEntropy._candidates(z, m, log_tau)
+            if grid and int(torch.count_nonzero(cand[1])) > z.numel() // 8:  # many above tau_min: O(1) buckets
+                ws = ws or _bucket_workspace(buf)
+                j, fix = _dense_buckets(z, m, log_tau, grid, e, ws)
+                hist = torch.zeros(z.shape[0], prefix.numel(), device=z.device).scatter_add_(1, j, e)  # (n, K+1)
+                S, keep = hist @ prefix, ("dense", hist, fix)
+            else:  # few tokens above tau_min (or no even grid): bucketize those only
+                e_sum = torch.sub(z, m, out=e).exp_().sum(-1)
+                n0, pos, rows, e_pos, bucket = above = _MinPPCrossEntropy._above(z, m, log_tau, cand)
+                S = prefix[n0] * e_sum
+                S.index_add_(0, rows, e_pos * (prefix[bucket] - prefix[n0]))
+                # keep the tokens above tau_min for backward unless they are many (flat distributions)
+                keep = ("sparse", e_sum, above if pos.numel() <= z.numel() // 8 else None)
+            d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]
+            row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()
+            total = total + row_loss[sc].double().sum()
+            stats.append((m, S, d_t, keep))
+        ctx.save_for_backward(logits, t, scored, log_tau, w)
+        ctx.stats, ctx.chunk_rows, ctx.grid, ctx.n = stats, chunk_rows, grid, n
+        return (total / n).float()  # the mean over the n scored rows
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, t, scored, log_tau, w = ctx.saved_tensors
+        prefix = prefix_weights(w)
+        want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
+        g_prefix = torch.zeros_like(prefix, dtype=torch.float64)  # K + 1 sums of up to N V terms: float64
+        ws = _bucket_workspace(logits[:ctx.chunk_rows]) if want_z and any(
+            k[0] == "dense" for *_, k in ctx.stats) else None
+        for (m, S, d_t, keep), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
+            z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
+            g_row = scored[s:s + ctx.chunk_rows].float() * (grad_total / ctx.n)  # (n,) d mean / d row loss
+            scale = g_row / S
+            if want_w:
+                b_t = torch.bucketize(d_t, log_tau, right=True)
+                g_prefix.index_add_(0, b_t, (-g_row / prefix[b_t]).double())
+            g = grad_z[s:s + ctx.chunk_rows] if want_z else None
+            if keep[0] == "dense":
+                _, hist, fix = keep
+                if want_w:
+                    g_prefix += scale.double() @ hist.double()
+                if want_z:  # g = e c scale, c from the buckets recomputed (the near ones as in forward)
+                    j, _ = _dense_buckets(z, m, log_tau, ctx.grid, g, ws, fix)
+                    c = torch.index_select(prefix, 0, j.view(-1), out=ws["u"][:z.shape[0]].view(-1))
+                    g.mul_(c.view(g.shape)).mul_(scale[:, None])
+            else:
+                _, e_sum, above = keep
+                n0, pos, rows, e_pos, bucket = above or _MinPPCrossEntropy._above(z, m, log_tau)
+                if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
+                    g_prefix[n0] += (e_sum * scale).double().sum() - (e_pos * scale[rows]).double().sum()
+                    g_prefix.index_add_(0, bucket, (e_pos * scale[rows]).double())
+                if want_z:  # q - onehot, scaled, in place in grad_z
+                    torch.sub(z, m, out=g).exp_().mul_((prefix[n0] * scale)[:, None])
+                    g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - prefix[n0]) * scale[rows])
+            if want_z:
+                g.scatter_add_(1, tc[:, None], -g_row[:, None])
+        grad_w = torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:].to(w.dtype) if want_w else None
+        return grad_z.to(logits.dtype) if want_z else None, None, None, grad_w, None, None
+
+
+# ============================================================================
+# 5. The learnable head and its training
 
 
 def threshold_grid(K=32, grid="log", tau_min=1e-3):
@@ -204,10 +396,24 @@ class MinPPlusHead(nn.Module):
         return self.tau[keep].clone(), w[keep].clone()
 
     def save(self, path):
+        """safetensors file (tau, theta), written to a temp file then renamed, with the umask's permissions; a failed
+        write is one OSError naming the file."""
+        import os
+
         from safetensors.torch import save_file
 
-        save_file({"tau": self.tau.contiguous(), "theta": self.theta.detach().contiguous()}, str(path),
-                  metadata={"format": "minpp-head-v1"})
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            save_file({"tau": self.tau.contiguous(), "theta": self.theta.detach().contiguous()}, tmp,
+                      metadata={"format": "minpp-head-v1"})
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # safetensors writes 0600
+            os.replace(tmp, path)
+        except Exception as e:  # safetensors' own error is not an OSError
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise OSError(f"{path}: cannot write the head ({getattr(e, 'strerror', None) or e})") from None
 
     @classmethod
     def load(cls, path):
@@ -259,30 +465,52 @@ def answer_logits(model, input_ids, labels, attention_mask=None):
     return logits[keep].float(), tgt[keep]
 
 
-def train_head(head, logits, target=None, steps=300, lr=0.1, reg="entropy", lam=0.0, temperature=1.0, log_every=0):
-    """Fit theta by Adam on CE(MinP+(logits / T), target) + lam * regulariser(w); logits are frozen (n, V), or
-    give their BandStats (target None): one pass over (n, V) makes them, then every step is O(n K)."""
-    stats = logits if isinstance(logits, BandStats) else band_statistics(logits, target, head.tau, temperature)
+def train_head(head, logits, target=None, steps=300, lr=0.1, reg="entropy", lam=0.0, temperature=None, log_every=0):
+    """Fit theta by Adam on CE(MinP+(logits / T), target) + lam * regulariser(w), T = temperature (default 1); logits
+    are frozen (n, V), or give their BandStats (no target; made for head.tau, at T if T is given): one pass over
+    (n, V) makes them, then every step is O(n K)."""
+    _check_training(steps, lr, reg, lam, log_every)
+    if isinstance(logits, BandStats):
+        stats = logits
+        if target is not None:
+            raise ValueError("train_head got BandStats and a target: the statistics already hold their targets")
+        if temperature is not None and temperature != stats.temperature:
+            raise ValueError(f"temperature={temperature} but the statistics were made at {stats.temperature}: "
+                             "make them at the temperature to train at")
+        _check_stats(stats, head.tau)
+    else:
+        stats = band_statistics(logits, target, head.tau, 1.0 if temperature is None else temperature)
     check_thresholds(head.tau, head.w)
     opt = torch.optim.Adam([head.theta], lr=lr)
     for step in range(steps):
-        loss = band_loss(stats, head.w) + lam * regulariser(head.w, reg)
+        loss = _band_loss(stats, head.w) + lam * regulariser(head.w, reg)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:4d}  loss {loss.item():.4f}")
+            print(f"step {step:4d}  loss {loss.item():.4f}", flush=True)
     return head
 
 
 class BandStats(NamedTuple):
     """What the loss needs of each scored row for fixed tau (band_statistics): log p_t (N,), the target's band
-    b = number of thresholds <= r_t (N,) in 0..K, band masses M (N, K), M_i = sum of p_v over r_v >= tau_i; and
-    a weight per row (N,) (ones by default). float64. Rows of several sets: BandStats(*map(torch.cat, zip(*sets)))."""
+    b = number of thresholds <= r_t (N,) in 0..K, band masses M (N, K), M_i = sum of p_v over r_v >= tau_i; a
+    weight per row (N,) (ones by default), float64; and what made them: tau (K,) and the temperature. band_loss and
+    train_head check them. Rows of several sets of one grid and temperature: BandStats.cat(sets)."""
     log_p: torch.Tensor
     band: torch.Tensor
     mass: torch.Tensor
     weight: torch.Tensor
+    tau: torch.Tensor
+    temperature: float
+
+    @staticmethod
+    def cat(sets):
+        sets = list(sets)
+        for s in sets[1:]:
+            if not torch.equal(s.tau, sets[0].tau) or s.temperature != sets[0].temperature:
+                raise ValueError("BandStats.cat: the sets were made for different thresholds or temperatures")
+        return BandStats(*(torch.cat(x) for x in list(zip(*sets))[:4]), sets[0].tau, sets[0].temperature)
 
 
 @torch.no_grad()
@@ -293,10 +521,12 @@ def band_statistics(logits, target, tau, temperature=1.0, ignore_index=-100, wei
     Rows whose target is ignore_index are left out. weight: (N,) finite row weights >= 0 for band_loss (e.g. the
     base probability of the target, detached)."""
     T = _real("temperature", temperature, 0, math.inf, lo_open=True)
-    scored, _, chunk_rows = _check_loss_args(logits, target, tau, torch.ones_like(tau), ignore_index, chunk_rows, True)
+    scored, _, chunk_rows = _check_loss_args(logits, target, tau, None, ignore_index, chunk_rows)
     if weight is not None and not (torch.is_tensor(weight) and weight.shape == target.shape and
-                                   bool(torch.isfinite(weight).all() and (weight >= 0).all() and weight[scored].sum() > 0)):
-        raise ValueError(f"weight must be a ({target.numel()},) tensor of finite numbers >= 0, not all 0 on scored rows")
+                                   bool(torch.isfinite(weight).all() and (weight >= 0).all()
+                                        and weight[scored].sum() > 0)):
+        raise ValueError(f"weight must be a ({target.numel()},) tensor of finite numbers >= 0, not all 0 on scored "
+                         "rows")
     log_tau, out, ws = tau.to(logits.device, torch.float32).log(), [], None
     grid = uniform_grid(log_tau)
     for s in range(0, logits.shape[0], chunk_rows):
@@ -305,9 +535,9 @@ def band_statistics(logits, target, tau, temperature=1.0, ignore_index=-100, wei
         z, m = z[keep], m[keep]  # (n, V), (n, 1): the scored rows
         d_t = z.gather(1, target[s:s + chunk_rows][keep, None])[:, 0] - m[:, 0]
         if grid:  # evenly spaced thresholds: every token's band in O(1), as minpp_loss's fast path does
-            ws = ws or _MinPPCrossEntropy._workspace(logits[:chunk_rows])
+            ws = ws or _bucket_workspace(logits[:chunk_rows])
             e = torch.empty_like(z)
-            j, _ = _MinPPCrossEntropy._dense(z, m, log_tau, grid, e, ws)
+            j, _ = _dense_buckets(z, m, log_tau, grid, e, ws)
         else:
             e = z - m
             j = torch.bucketize(e, log_tau, right=True)  # (n, V) in 0..K
@@ -317,14 +547,22 @@ def band_statistics(logits, target, tau, temperature=1.0, ignore_index=-100, wei
         mass = H.flip(1).cumsum(1).flip(1)[:, 1:] / Z[:, None]  # (n, K)
         out.append((d_t.double() - Z.log(), torch.bucketize(d_t, log_tau, right=True), mass))
     w = torch.ones(int(scored.sum()), dtype=torch.float64) if weight is None else weight[scored].double()
-    return BandStats(*(torch.cat(x) for x in zip(*out)), w.to(logits.device))
+    return BandStats(*(torch.cat(x) for x in zip(*out)), w.to(logits.device), tau.detach().float().cpu().clone(), T)
 
 
 def band_loss(stats, w):
     """minpp_loss from BandStats in O(N K): the weighted mean over rows of -log q_t =
     log(sum_i w_i M_i) - log(w_1 + ... + w_b) - log p_t, with w / max w (q is scale-free). float64 sums, float32
-    result; +inf where a target's c = w_1 + ... + w_b is 0 (and a warning). Differentiable in w."""
-    w1 = unit_weights(w).double()
+    result; +inf where a target's c = w_1 + ... + w_b is 0 (and a warning). Differentiable in w, which is checked
+    as minpp_loss checks it (K entries for the statistics' K thresholds, finite, >= 0, not all 0)."""
+    if not isinstance(stats, BandStats):
+        raise TypeError(f"band_loss needs the BandStats of band_statistics, got {type(stats).__name__}")
+    check_thresholds(stats.tau, w)
+    return _band_loss(stats, w)
+
+
+def _band_loss(stats, w):
+    w1 = unit_weights(w).to(stats.mass.device).double()
     row = (stats.mass @ w1).log() - F.pad(w1.cumsum(0), (1, 0))[stats.band].log() - stats.log_p  # (N,)
     loss = (stats.weight * row).sum() / stats.weight.sum()
     if torch.isinf(loss):
@@ -335,23 +573,21 @@ def band_loss(stats, w):
 
 
 # ============================================================================
-# 4. Generation and the transformers integration
+# 6. Generation and the transformers integration
 
 
 @torch.no_grad()
-def generate(model, input_ids, max_new_tokens, method="none", do_sample=True, temperature=1.0, top_k=None,
-             top_p=None, min_p=None, minpp=None, eos_token_id=None, stop_strings=(), decode=None, generator=None,
-             attention_mask=None):
-    """Up to max_new_tokens new tokens per row (a list of lists), with a KV cache. do_sample alone decides
-    sampling vs argmax ("greedy" is do_sample=False). Left-padded prompts (attention_mask of 0s then 1s) get
-    position ids of their real tokens, so each row generates what its prompt alone would. A row stops after eos
-    or when decode(its last len(longest stop string) tokens) ends with a stop string."""
-    if method == "greedy":
-        method, do_sample = "none", False
-    kw = _filters(method, temperature, top_k, top_p, min_p, minpp)
+def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None, attention_mask=None,
+             eos_token_id=None, stop_strings=(), decode=None, **filters):
+    """Up to max_new_tokens new tokens per row (a list of lists), with a KV cache; the filters (temperature, top_k,
+    top_p, min_p, minpp=(tau, w)) go to next_token as given, and do_sample alone decides sampling vs argmax.
+    Left-padded prompts (attention_mask of 0s then 1s) get position ids of their real tokens, so each row
+    generates what its prompt alone would. A row stops after eos or when decode(its last len(longest stop string)
+    tokens) ends with a stop string."""
+    _check_filters(filters)
     _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_strings, decode)
-    if minpp is not None:
-        check_thresholds(*minpp)  # once per call: per token it would copy tau and w to the host every step
+    if filters.get("minpp") is not None:
+        check_thresholds(*filters["minpp"])  # once per call: per token it would copy tau and w to the host every step
     B = input_ids.shape[0]
     out = [[] for _ in range(B)]
     if max_new_tokens == 0:
@@ -364,7 +600,7 @@ def generate(model, input_ids, max_new_tokens, method="none", do_sample=True, te
     done = torch.zeros(B, dtype=torch.bool)
     res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
     for _ in range(max_new_tokens):
-        tok = next_token(res.logits[:, -1], do_sample=do_sample, generator=generator, check=False, **kw)
+        tok = next_token(res.logits[:, -1], do_sample=do_sample, generator=generator, check=False, **filters)
         for i, t in enumerate(tok.tolist()):
             if done[i]:
                 continue
@@ -395,7 +631,8 @@ def minpp_logits_processor(tau, w, temperature=1.0):
     try:
         check_thresholds(tau_T, w)
     except ValueError as e:
-        raise ValueError(f"thresholds tau ** {T} collide in float32 ({e}): use fewer thresholds or T nearer 1") from None
+        raise ValueError(f"thresholds tau ** {T} collide in float32 ({e}): use fewer thresholds or T nearer 1") \
+            from None
 
     class MinPPlusLogitsProcessor(LogitsProcessor):
         def __init__(self):
@@ -410,223 +647,77 @@ def minpp_logits_processor(tau, w, temperature=1.0):
 
 
 # ============================================================================
-# 5. Fast path: minpp_loss == minpp_loss_plain, chunked, never (N, V) in memory
-
-
-def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None, check=True):
-    """Equal to minpp_loss_plain (mean over scored rows of -log q_t, float32), chunked, never (N, V) in memory:
-    no (N, V) c is kept, backward recomputes chunk by chunk (_MinPPCrossEntropy), so memory stays that of the
-    logits' gradient. A target with c_t = 0 has probability 0: its loss is +inf (math, not a bug) and a warning
-    says how many and where. Gradients flow to logits and w. check=False skips the checks of tau, w and the
-    targets (for a caller that made them once, as train_head does)."""
-    scored, n, chunk_rows = _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows, check)
-    log_tau = tau.to(logits.device, torch.float32).log()
-    w1 = unit_weights(w)  # q is scale-free in w; max 1 keeps extreme weights exact (grad: d w1 / d w by autograd)
-    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows, n)
-    if torch.isinf(loss):  # rare: name the rows (plain form, no grad); the mean of finite rows is finite
-        with torch.no_grad():
-            lz = minpp_logits(logits[scored], tau, w)
-            bad = torch.isinf(F.cross_entropy(lz, target[scored], reduction="none"))
-            zero_c, rows = torch.isneginf(lz.gather(1, target[scored, None])[:, 0]) & bad, scored.nonzero()[:, 0][bad]
-        warnings.warn(f"MinP+ loss is inf at {rows.numel()} target(s), first at row {rows[0].item()}: "
-                      f"{int(zero_c.sum())} have c = 0 (below every threshold with weight > 0; add tau = 0 to the grid), "
-                      f"{int(bad.sum() - zero_c.sum())} have a probability that underflows float32 (logits far apart)")
-    return loss
-
-
-def uniform_grid(log_tau):
-    """(space, c1, inv_h, n0, K) for evenly spaced thresholds: a token's bucket (number of thresholds <= r) is
-    trunc(u), u = x / h + c1, x = log r ('log': positive thresholds evenly spaced in log tau) or r ('linear').
-    Each float32 threshold must land within 1e-4 of its integer, so tokens with u 1e-3 or more from an integer
-    are bucketed exactly (u is monotone in log r) and the few nearer ones are bucketized. None otherwise."""
-    lt = log_tau.float().cpu()
-    n0, K = int(torch.isneginf(lt).sum()), lt.numel()
-    for space, x in (("log", lt[n0:]), ("linear", lt.exp())):
-        first = n0 if space == "log" else 0  # bucket index of the first threshold of x, minus 1
-        if x.numel() < 2 or not (x[-1] > x[0]):
-            continue
-        h = (x[-1].double() - x[0].double()).item() / (x.numel() - 1)
-        inv_h, c1 = 1 / h, first + 1 - x[0].item() / h
-        u = torch.mul(x, inv_h).add_(c1)
-        if (u - torch.arange(first + 1, first + 1 + x.numel())).abs().max() < 1e-4:
-            return space, c1, inv_h, n0, K
-    return None
-
-
-class _MinPPCrossEntropy(torch.autograd.Function):
-    """Sum over rows of -log q_t, q = softmax(z + log c), chunk by chunk, no (N, V) c kept for backward. With m
-    the row max, d = z - m (log r), e = exp(d), S = sum_v e_v c_v, c_v = prefix[bucket_v], H_j = sum of e over
-    bucket j:  row loss = log S - d_t - log c_t,  dL/dz_v = e_v c_v / S - [v = t],
-    dL/dprefix_j = H_j / S - [t in bucket j] / c_t,  dL/dw_i = sum_{j > i} dL/dprefix_j.  Buckets, exactly:
-    - evenly spaced grids (uniform_grid): every token's bucket in O(1); H (K + 1 per row) kept for dL/dw, the
-      buckets recomputed in backward for dL/dz;
-    - other grids: tokens below the smallest positive threshold share c_low, so S = c_low sum_v e_v +
-      sum_{v above} e_v (c_v - c_low) and only those above are bucketized. float32 throughout."""
-
-    @staticmethod
-    def _candidates(z, m, log_tau):
-        """(n0, mask of the tokens that may lie above the smallest positive threshold): a cheap test on z with a
-        margin of 1e-3 for rounding; the exact rule is bucketize on d."""
-        n0 = int(torch.isneginf(log_tau).sum())  # thresholds at tau = 0 (at most one)
-        if n0 == log_tau.numel():
-            return n0, torch.zeros(z.shape, dtype=torch.bool, device=z.device)
-        return n0, z >= m + (log_tau[n0] - 1e-3)
-
-    @staticmethod
-    def _above(z, m, log_tau, cand=None):
-        """The tokens with d = z - m >= log tau_min: n0, flat positions, rows, exp(d) and bucket (number of
-        thresholds <= r)."""
-        n0, mask = cand or _MinPPCrossEntropy._candidates(z, m, log_tau)
-        pos = mask.view(-1).nonzero()[:, 0]
-        rows = pos // z.shape[1]
-        d = z.reshape(-1)[pos].float() - m[rows, 0]
-        return n0, pos, rows, d.exp(), torch.bucketize(d, log_tau, right=True)
-
-    @staticmethod
-    def _workspace(z):
-        """Chunk-sized buffers reused by every chunk (fresh large allocations cost page faults)."""
-        return {"u": torch.empty(z.shape, device=z.device), "tmp": torch.empty(z.shape, device=z.device),
-                "j": torch.empty(z.shape, dtype=torch.long, device=z.device),
-                "near": torch.empty(z.shape, dtype=torch.bool, device=z.device)}
-
-    @staticmethod
-    def _dense(z, m, log_tau, grid, e, ws, fix=None):
-        """e = exp(z - m) written into e (float32), and every token's bucket (int64 (n, V), in ws); the tokens
-        within 1e-3 of a threshold in u are bucketized exactly (fix = their (positions, buckets), found if None)."""
-        space, c1, inv_h, n0, K = grid
-        n = z.shape[0]
-        u, tmp, j, near = (ws[k][:n] for k in ("u", "tmp", "j", "near"))
-        torch.sub(z, m, out=e)
-        if space == "log":
-            torch.mul(e, inv_h, out=u).add_(c1)
-        e.exp_()
-        if space == "linear":
-            torch.mul(e, inv_h, out=u).add_(c1)
-        u.clamp_(n0 + 0.25, K + 0.25)  # below every positive threshold: bucket n0, and not "near" an integer
-        j.copy_(u)  # trunc: the bucket
-        if fix is None:
-            torch.round(u, out=tmp).sub_(u).abs_()
-            pos = torch.lt(tmp, 1e-3, out=near).view(-1).nonzero()[:, 0]
-            d = z.reshape(-1)[pos].float() - m[pos // z.shape[1], 0]
-            fix = pos, torch.bucketize(d, log_tau, right=True)
-        j.view(-1)[fix[0]] = fix[1]
-        return j, fix
-
-    @staticmethod
-    def forward(ctx, logits, target, log_tau, w, chunk_rows, n):
-        prefix = prefix_weights(w)
-        grid = uniform_grid(log_tau)
-        scored = target >= 0  # ignored rows come in as -1
-        t = target.clamp(min=0)
-        total = logits.new_zeros((), dtype=torch.float64)  # finite row losses whose float32 sum would overflow
-        stats = []
-        buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
-        ws = None  # the dense path's buffers, made when a chunk first needs them
-        for s in range(0, logits.shape[0], chunk_rows):
-            z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
-            m = _row_max(z, s).float()  # the max is exact in any dtype: no float32 copy of the chunk
-            e = buf[:z.shape[0]]
-            cand = _MinPPCrossEntropy._candidates(z, m, log_tau)
-            if grid and int(torch.count_nonzero(cand[1])) > z.numel() // 8:  # many above tau_min: O(1) buckets
-                ws = ws or _MinPPCrossEntropy._workspace(buf)
-                j, fix = _MinPPCrossEntropy._dense(z, m, log_tau, grid, e, ws)
-                hist = torch.zeros(z.shape[0], prefix.numel(), device=z.device).scatter_add_(1, j, e)  # (n, K+1)
-                S, keep = hist @ prefix, ("dense", hist, fix)
-            else:  # few tokens above tau_min (or no even grid): bucketize those only
-                e_sum = torch.sub(z, m, out=e).exp_().sum(-1)
-                n0, pos, rows, e_pos, bucket = above = _MinPPCrossEntropy._above(z, m, log_tau, cand)
-                S = prefix[n0] * e_sum
-                S.index_add_(0, rows, e_pos * (prefix[bucket] - prefix[n0]))
-                # keep the tokens above tau_min for backward unless they are many (flat distributions)
-                keep = ("sparse", e_sum, above if pos.numel() <= z.numel() // 8 else None)
-            d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]
-            row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()
-            total = total + row_loss[sc].double().sum()
-            stats.append((m, S, d_t, keep))
-        ctx.save_for_backward(logits, t, scored, log_tau, w)
-        ctx.stats, ctx.chunk_rows, ctx.grid, ctx.n = stats, chunk_rows, grid, n
-        return (total / n).float()  # the mean over the n scored rows
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        logits, t, scored, log_tau, w = ctx.saved_tensors
-        prefix = prefix_weights(w)
-        want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
-        g_prefix = torch.zeros_like(prefix, dtype=torch.float64)  # K + 1 sums of up to N V terms: float64
-        ws = _MinPPCrossEntropy._workspace(logits[:ctx.chunk_rows]) if want_z and any(
-            k[0] == "dense" for *_, k in ctx.stats) else None
-        for (m, S, d_t, keep), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
-            z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
-            g_row = scored[s:s + ctx.chunk_rows].float() * (grad_total / ctx.n)  # (n,) d mean / d row loss
-            scale = g_row / S
-            if want_w:
-                b_t = torch.bucketize(d_t, log_tau, right=True)
-                g_prefix.index_add_(0, b_t, (-g_row / prefix[b_t]).double())
-            g = grad_z[s:s + ctx.chunk_rows] if want_z else None
-            if keep[0] == "dense":
-                _, hist, fix = keep
-                if want_w:
-                    g_prefix += scale.double() @ hist.double()
-                if want_z:  # g = e c scale, c from the buckets recomputed (the near ones as in forward)
-                    j, _ = _MinPPCrossEntropy._dense(z, m, log_tau, ctx.grid, g, ws, fix)
-                    c = torch.index_select(prefix, 0, j.view(-1), out=ws["u"][:z.shape[0]].view(-1))
-                    g.mul_(c.view(g.shape)).mul_(scale[:, None])
-            else:
-                _, e_sum, above = keep
-                n0, pos, rows, e_pos, bucket = above or _MinPPCrossEntropy._above(z, m, log_tau)
-                if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
-                    g_prefix[n0] += (e_sum * scale).double().sum() - (e_pos * scale[rows]).double().sum()
-                    g_prefix.index_add_(0, bucket, (e_pos * scale[rows]).double())
-                if want_z:  # q - onehot, scaled, in place in grad_z
-                    torch.sub(z, m, out=g).exp_().mul_((prefix[n0] * scale)[:, None])
-                    g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - prefix[n0]) * scale[rows])
-            if want_z:
-                g.scatter_add_(1, tc[:, None], -g_row[:, None])
-        grad_w = torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:].to(w.dtype) if want_w else None
-        return grad_z.to(logits.dtype) if want_z else None, None, None, grad_w, None, None
-
-
-# ============================================================================
-# 6. Input checks: every bad input is an error that says what and where
+# 7. Input checks: every bad input is an error that says what and where, checked once at the public boundary
 
 
 def check_thresholds(tau, w):
     """tau (K,) strictly increasing in [0, 1]; w (K,) finite, >= 0, sum > 0 (bucketize silently misbehaves on
     unsorted boundaries: not optional)."""
-    if not (torch.is_tensor(tau) and torch.is_tensor(w)):
-        raise TypeError(f"tau and w must be tensors, got {type(tau).__name__} and {type(w).__name__}")
-    if tau.dim() != 1 or w.dim() != 1 or tau.numel() != w.numel() or tau.numel() == 0:
-        raise ValueError(f"tau and w must be 1-D of the same length K >= 1, got {tuple(tau.shape)} and {tuple(w.shape)}")
-    t, wd = tau.detach().double().cpu(), w.detach().double().cpu()
-    for i, v in enumerate(t.tolist()):
-        if not 0.0 <= v <= 1.0:  # also catches NaN
-            raise ValueError(f"threshold tau[{i}] = {v} is outside [0, 1]")
-        if i > 0 and v <= t[i - 1]:
-            raise ValueError(f"thresholds must be strictly increasing: tau[{i - 1}] = {t[i - 1].item()} >= tau[{i}] = {v}")
+    if not torch.is_tensor(w):
+        raise TypeError(f"w must be a tensor, got {type(w).__name__}")
+    t = _check_tau(tau)
+    if w.dim() != 1 or tau.numel() != w.numel():
+        raise ValueError(f"tau and w must be 1-D of the same length K >= 1, got {tuple(tau.shape)} and "
+                         f"{tuple(w.shape)}")
+    wd = w.detach().double().cpu()
     for i, v in enumerate(wd.tolist()):
         if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"weight w[{i}] = {v} (threshold tau[{i}] = {t[i].item()}) must be finite and >= 0")
+            raise ValueError(f"weight w[{i}] = {v} (threshold tau[{i}] = {t[i]}) must be finite and >= 0")
     if wd.sum() <= 0:
         raise ValueError("all MinP+ weights are zero: no token could be kept")
 
 
-def _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows, check):
-    """(scored rows, their number, chunk_rows) for minpp_loss after checking shapes, dtypes and values."""
-    if not (torch.is_tensor(logits) and torch.is_tensor(target)) or logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be an (N, V) tensor and target (N,), got {getattr(logits, 'shape', logits)!r} and "
-                         f"{getattr(target, 'shape', target)!r}")
+def _check_tau(tau):
+    """tau as a list of floats after checking it: a 1-D tensor, strictly increasing in [0, 1]."""
+    if not torch.is_tensor(tau):
+        raise TypeError(f"tau must be a tensor, got {type(tau).__name__}")
+    if tau.dim() != 1 or tau.numel() == 0:
+        raise ValueError(f"tau must be 1-D with K >= 1 thresholds, got shape {tuple(tau.shape)}")
+    t = tau.detach().double().cpu().tolist()
+    for i, v in enumerate(t):
+        if not 0.0 <= v <= 1.0:  # also catches NaN
+            raise ValueError(f"threshold tau[{i}] = {v} is outside [0, 1]")
+        if i > 0 and v <= t[i - 1]:
+            raise ValueError(f"thresholds must be strictly increasing: tau[{i - 1}] = {t[i - 1]} >= tau[{i}] = {v}")
+    return t
+
+
+def _check_training(steps, lr, reg, lam, log_every):
+    for name, v in (("steps", steps), ("log_every", log_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "steps" else 0):
+            raise ValueError(f"{name} must be a whole number >= {1 if name == 'steps' else 0}, got {v!r}")
+    _real("lr", lr, 0, math.inf, lo_open=True)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite number, got {lam!r}")
+    if reg not in ("entropy", "l1"):
+        raise ValueError(f"regulariser must be 'entropy' or 'l1', got {reg!r}")
+
+
+def _check_stats(stats, tau):
+    """Statistics made for these thresholds (the loss of another grid would be wrong without any error)."""
+    if stats.tau.shape != tau.shape or not torch.equal(stats.tau.cpu().float(), tau.detach().cpu().float()):
+        raise ValueError(f"the statistics were made for other thresholds ({stats.tau.numel()} from "
+                         f"{stats.tau[:3].tolist()}...) than the head's ({tau.numel()} from {tau[:3].tolist()}...)")
+
+
+def _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows):
+    """(scored rows, their number, chunk_rows) for minpp_loss and band_statistics (w None: tau alone) after checking
+    shapes, dtypes and values."""
+    if not (torch.is_tensor(logits) and torch.is_tensor(target)) or logits.dim() != 2 \
+            or target.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be an (N, V) tensor and target (N,), got {getattr(logits, 'shape', logits)!r} "
+                         f"and {getattr(target, 'shape', target)!r}")
     if logits.numel() == 0 or target.is_floating_point():
         raise ValueError(f"empty logits {tuple(logits.shape)} or {target.dtype} targets: need N, V >= 1 and token ids")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a whole number >= 1, got {chunk_rows!r}")
+    check_thresholds(tau, w) if w is not None else _check_tau(tau)
     scored = target != ignore_index
-    if check:
-        check_thresholds(tau, w)
-        bad = scored & ((target < 0) | (target >= logits.shape[1]))
-        if bad.any():
-            i = bad.nonzero()[0].item()
-            raise ValueError(f"target[{i}] = {target[i].item()} is outside [0, {logits.shape[1]}) and is not ignore_index={ignore_index}")
+    bad = scored & ((target < 0) | (target >= logits.shape[1]))
+    if bad.any():
+        i = bad.nonzero()[0].item()
+        raise ValueError(f"target[{i}] = {target[i].item()} is outside [0, {logits.shape[1]}) and is not "
+                         f"ignore_index={ignore_index}")
     if not scored.any():
         raise ValueError(f"every target equals ignore_index={ignore_index}: there is nothing to score")
     return scored, int(scored.sum()), chunk_rows or max(1, 2 ** 22 // logits.shape[1])
@@ -634,8 +725,9 @@ def _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows, check):
 
 def _check_probs(probs):
     """fp32 probs; NaN, inf, negative entries and all-zero rows are errors. Fast path: one sum and one min."""
-    if probs.dim() < 2:
-        raise ValueError(f"probs must be (..., V) with a batch dimension, got shape {tuple(probs.shape)}")
+    if probs.dim() < 2 or probs.numel() == 0:
+        raise ValueError(f"probs must be (..., V) with a batch dimension, at least one row and token, got shape "
+                         f"{tuple(probs.shape)}")
     p = probs.float()
     total = p.sum(-1)  # NaN and inf propagate into the sums and the min
     if torch.isfinite(total).all() and (total > 0).all() and p.amin() >= 0:
@@ -650,13 +742,15 @@ def _check_probs(probs):
 def _check_logits(logits, row0=0):
     """fp32 logits; NaN, +inf and rows with no finite logit are errors (their softmax is undefined).
     row0: the global index of row 0 when logits is a chunk, so the message names the caller's row."""
-    if logits.dim() < 2:
-        raise ValueError(f"logits must be (..., V) with a batch dimension, got shape {tuple(logits.shape)}")
+    if logits.dim() < 2 or logits.numel() == 0:
+        raise ValueError(f"logits must be (..., V) with a batch dimension, at least one row and token, got shape "
+                         f"{tuple(logits.shape)}")
     z = logits.float()
     bad = torch.isnan(z) | (z == float("inf"))
     if bad.any():
         idx = bad.nonzero()[0].tolist()
-        raise ValueError(f"logits must not be NaN or +inf; entry {[idx[0] + row0] + idx[1:]} is {logits[tuple(idx)].item()}")
+        raise ValueError(f"logits must not be NaN or +inf; entry {[idx[0] + row0] + idx[1:]} is "
+                         f"{logits[tuple(idx)].item()}")
     dead = ~torch.isfinite(z).any(-1)
     if dead.any():
         idx = dead.nonzero()[0].tolist()
@@ -666,7 +760,7 @@ def _check_logits(logits, row0=0):
 
 def _row_max(z, row0=0):
     """Row max of fp32 logits; a NaN, a +inf or a row with no finite logit is an error (one pass, not four)."""
-    m = z.amax(-1, keepdim=True) if z.dim() >= 2 else None
+    m = z.amax(-1, keepdim=True) if z.dim() >= 2 and z.numel() else None
     if m is None or not torch.isfinite(m).all():
         _check_logits(z, row0)  # finds and names the offending entry, row or shape
     return m
@@ -680,15 +774,17 @@ def _real(name, x, lo, hi, lo_open=False):
     return float(x)
 
 
-def _filters(method, temperature, top_k, top_p, min_p, minpp):
-    allowed = {"none": {}, "top_k": {"top_k": top_k}, "top_p": {"top_p": top_p},
-               "min_p": {"min_p": min_p}, "minpp": {"minpp": minpp}}
-    if method not in allowed:
-        raise ValueError(f"method must be one of {sorted(allowed)} or 'greedy', got {method!r}")
-    f = allowed[method]
-    if any(v is None for v in f.values()):
-        raise ValueError(f"method {method!r} needs its parameter {list(f)[0]!r}")
-    return dict(f, temperature=temperature)
+_FILTERS = ("temperature", "top_k", "top_p", "min_p", "minpp")
+
+
+def _check_filters(filters):
+    """generate's filters are next_token_probs' keywords; anything else (the old method= selector) is refused."""
+    if "method" in filters:
+        raise ValueError(f"generate takes the filters themselves (top_k=50, top_p=0.9, min_p=0.1, minpp=(tau, w)), not "
+                         f"method={filters['method']!r}; greedy is do_sample=False")
+    unknown = sorted(set(filters) - set(_FILTERS))
+    if unknown:
+        raise ValueError(f"generate got {unknown}: the filters are {', '.join(_FILTERS)}")
 
 
 def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_strings, decode):
@@ -701,9 +797,10 @@ def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_
         raise ValueError(f"input_ids hold a token id outside the model's vocabulary [0, {vocab})")
     if attention_mask is not None:
         m = attention_mask.long()  # one rule for bool and integer masks: 0s then 1s, nothing else
-        if m.shape != input_ids.shape or not ((m == 0) | (m == 1)).all() or not (m[:, -1] == 1).all() or (m.diff(dim=1) < 0).any():
-            raise ValueError(f"attention_mask must be left padding of input_ids' shape {tuple(input_ids.shape)}: 0s then "
-                             "1s in every row, the last column 1")
+        left_padding = ((m == 0) | (m == 1)).all() and (m[:, -1] == 1).all() and not (m.diff(dim=1) < 0).any()
+        if m.shape != input_ids.shape or not left_padding:
+            raise ValueError(f"attention_mask must be left padding of input_ids' shape {tuple(input_ids.shape)}: "
+                             "0s then 1s in every row, the last column 1")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     if isinstance(stop_strings, str) or not all(isinstance(x, str) and x for x in stop_strings):

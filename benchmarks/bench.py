@@ -175,8 +175,8 @@ def bench_grads(device, smoke):
             p.requires_grad_(subset == "full" or "q_proj" in n_ or "v_proj" in n_)
         D = sum(p.numel() for _, p in less_ref.trainable_parameters(model))
         for bs in (16,) if not smoke else (4,):
-            batched = lambda: torch.cat([less_ref.example_gradients(model, ex[b:b + bs], "vmap") for b in range(0, n_ex, bs)])
-            loop = lambda: less_ref.example_gradients(model, ex, "loop")
+            batched = lambda: torch.cat([less_ref.example_gradients(model, ex[b:b + bs], vmap=True) for b in range(0, n_ex, bs)])
+            loop = lambda: less_ref.example_gradients(model, ex, vmap=False)
             a, b = batched(), loop()
             err = ((a - b).norm(dim=1) / b.norm(dim=1)).max().item()
             tb, tl = median_time(batched, device, repeat=3), median_time(loop, device, repeat=3)
@@ -255,7 +255,7 @@ def bench_loss(device, smoke):
                 with torch.no_grad():
                     p = torch.softmax(z.float(), -1)
                     row("loss", case, median_time(lambda: minpp_ref.minpp_probs(p, tau_d, w), device),
-                        median_time(lambda: minpp_ref.minpp_logits(z, tau_d, w), device),
+                        median_time(lambda z=z: minpp_ref.minpp_logits(z, tau_d, w), device),
                         note="minpp_probs vs minpp_logits (forward)")
                 del z
 
@@ -400,7 +400,7 @@ def bench_head(device, smoke):
             head = minpp_ref.MinPPlusHead(tau=tau.cpu()).to(device)
             opt = torch.optim.Adam([head.theta], lr=0.1)
             for i in range(steps):
-                loss = minpp_ref.minpp_loss(z, t, head.tau, head.w, check=i == 0)
+                loss = minpp_ref.minpp_loss(z, t, head.tau, head.w)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -1,20 +1,32 @@
-"""What both command-line tools share: JSONL records with errors that name the file and line, argument types
-that say what is wrong, and one line instead of a traceback for a user's mistake (--debug shows it)."""
+"""What both command-line tools share: JSONL records with errors that name the file and line, argument types that
+say what is wrong, pre-flight checks of files, progress that shows in a log file, one model loader, and the error
+convention: a user's mistake is one line on stderr, exit status 2 for the command line itself (an option's value,
+a missing or conflicting option), 1 for a file, a record or a model; --debug shows the traceback."""
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
+import time
+
+ID_HEX = 32  # default ids: 'rec-' + 128 bits of the record's sha256; two records share one with p ~ n^2 / 2^129
+
+
+class UsageError(ValueError):
+    """The command line itself is wrong (exit status 2, like argparse's own errors)."""
 
 
 def read_jsonl(path, need=()):
-    """The JSON-object records of a UTF-8 JSONL file, each with an 'id': its own, or 'rec-' + 12 hex digits of the
-    sha256 of the record's JSON (sorted keys; a repeat of the same record gets '-2', '-3', ...), so a default id
-    follows its record when the file is reordered or lines are inserted. A missing or empty file, a line that is
-    not UTF-8 or not a JSON object, or a record without one of `need` is a ValueError naming file and line."""
+    """The JSON-object records of a UTF-8 JSONL file, each with an 'id': its own, or 'rec-' + 32 hex digits (128 bits)
+    of the sha256 of the record's JSON (sorted keys), so a default id follows its record when the file is reordered or
+    lines are inserted. Two lines with one id are an error naming both, unless they are the same record (no id
+    given, identical content): its repeats get '-2', '-3', ..., which may swap between identical records only. A
+    missing or empty file, a line that is not UTF-8 or not a JSON object, or a record without one of `need` is a
+    ValueError naming file and line."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
-    out, seen = [], {}
+    out, seen, repeats = [], {}, {}
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -30,16 +42,26 @@ def read_jsonl(path, need=()):
             missing = [k for k in need if k not in rec]
             if missing:
                 raise ValueError(f"{path}:{n}: the record has no {missing[0]!r} (needs {', '.join(need)})")
-            if "id" not in rec:
-                h = "rec-" + hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:12]
-                seen[h] = seen.get(h, 0) + 1
-                rec["id"] = h if seen[h] == 1 else f"{h}-{seen[h]}"
+            content = json.dumps(rec, sort_keys=True)
+            sid = rec.get("id")
+            if sid is None:
+                sid = "rec-" + hashlib.sha256(content.encode()).hexdigest()[:ID_HEX]
+            if sid in seen:
+                line, other = seen[sid]
+                if "id" in rec or other != content:
+                    raise ValueError(f"{path}:{n}: id {sid!r} is also the id of line {line}, another record: "
+                                     "every record needs its own id")
+                repeats[sid] = repeats.get(sid, 1) + 1
+                sid = f"{sid}-{repeats[sid]}"
+            seen[sid] = (n, content)
+            rec["id"] = sid
             out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records")
     return out
 
 
+# --- argument types (argparse: a bad value exits 2 with the option's name)
 def whole(lo):
     """argparse type: a whole number >= lo."""
     def parse(s):
@@ -53,15 +75,29 @@ def whole(lo):
     return parse
 
 
-def positive(s):
-    """argparse type: a finite number > 0."""
+def _number(s, ok, must):
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"{v} must be a finite number > 0")
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"{v} must be {must}")
     return v
+
+
+def positive(s):
+    """argparse type: a finite number > 0."""
+    return _number(s, lambda v: 0 < v < math.inf, "a finite number > 0")
+
+
+def fraction(s):
+    """argparse type: a number in (0, 1]."""
+    return _number(s, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def finite(s):
+    """argparse type: a finite number (any sign)."""
+    return _number(s, math.isfinite, "finite")
 
 
 def positives(s):
@@ -72,13 +108,17 @@ def positives(s):
 def model_dir(s):
     """argparse type: a local model directory (nothing is downloaded)."""
     if not os.path.isdir(s):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a directory: give a local model directory (nothing is downloaded)")
+        raise argparse.ArgumentTypeError(f"{s!r} is not a directory: give a local model directory (nothing is "
+                                         "downloaded)")
     return s
 
 
 def parser(prog, description):
-    """An ArgumentParser whose --help shows every default."""
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """An ArgumentParser whose --help shows every default and the error convention."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                   epilog="A mistake is one line on stderr: exit status 2 for the command line itself, "
+                                          "1 for a file, a record or a model. --debug shows the traceback.")
 
 
 def subparser(sub, name, help):
@@ -88,12 +128,179 @@ def subparser(sub, name, help):
 
 
 def run(main, argv=None):
-    """main(argv); a ValueError, TypeError or OSError (a user's mistake: a file, a record, an argument) ends the
-    program with one line on stderr and exit status 1, unless --debug asks for the traceback."""
+    """main(argv); a UsageError ends the program with one line on stderr and exit status 2, a ValueError, TypeError or
+    OSError (a file, a record, a model) with exit status 1, unless --debug asks for the traceback."""
     args = sys.argv[1:] if argv is None else argv
     try:
         return main(argv)
     except (ValueError, TypeError, OSError) as e:
         if "--debug" in args:
             raise
-        sys.exit(f"error: {e}\n(--debug shows the traceback)")
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
+# --- pre-flight checks: every file an option names, before any model loads
+def writable_file(path, option):
+    """--out FILE: its directory exists and can be written, and the path is not a directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory: give a file name")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise OSError(f"{option} {path}: cannot write there (permission denied)")
+
+
+def writable_dir(path, option):
+    """--out DIR: a directory that exists and can be written, or can be made (its nearest existing parent is
+    writable)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a file, not a directory")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise OSError(f"{option} {path}: cannot write in {probe} (permission denied or not a directory)")
+
+
+def check_gguf(model, gguf_file):
+    """--gguf-file must name a file inside --model (a local directory): else the .gguf files there are listed."""
+    if gguf_file and not os.path.isfile(os.path.join(model, gguf_file)):
+        found = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+        raise UsageError(f"--gguf-file {gguf_file}: no such file in {model} (its .gguf files: "
+                         f"{', '.join(found) if found else 'none'})")
+
+
+# --- progress that a log file shows too
+PROGRESS_EVERY_S = float(os.environ.get("PROGRESS_SECONDS", 30))
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (nohup, a scheduler's log) a line on stderr after the first item, then every
+    PROGRESS_SECONDS (default 30) and at the end: 'desc: done/total unit (pct), rate, ETA'."""
+
+    def __init__(self, total, desc, unit="records", initial=0):
+        self.total, self.desc, self.unit, self.done = total, desc, unit, initial
+        self.t0, self.start, self.last = time.time(), initial, None
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit[:-1] if unit.endswith("s") else unit)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            return self.bar.update(n)
+        now = time.time()
+        if self.last is None or now - self.last >= PROGRESS_EVERY_S or self.done >= self.total:
+            self.last = now
+            rate = (self.done - self.start) / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else math.inf
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "
+                  f"{rate:.2f} {self.unit}/s, ETA {_duration(eta)}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(s):
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# --- models: a local directory or a GGUF file inside one; nothing is downloaded
+def load_tokenizer(model, gguf_file=None, padding_side=None):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if padding_side:
+        tok.padding_side = padding_side
+    return tok
+
+
+def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r=0, lora_targets="q_proj,v_proj"):
+    """A causal LM from a local directory (gguf_file: a GGUF checkpoint in it, read dequantised to float32); trainable
+    parameters: a saved peft LoRA adapter, or a fresh LoRA of rank lora_r on lora_targets, or (neither) every
+    parameter. A fresh LoRA is built under torch.manual_seed(0), so every process (every rank, every re-run) builds the
+    same adapter and the model fingerprint matches across them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kw)
+    if lora_adapter:
+        from peft import PeftModel
+        lm = PeftModel.from_pretrained(lm, lora_adapter, is_trainable=True)
+    elif lora_r:
+        from peft import LoraConfig, get_peft_model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                               target_modules=lora_targets.split(",")))
+    return lm
+
+
+def file_sha256(path, chunk=2 ** 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plain_model_dir(model, gguf_file, out, tokenizer=None):
+    """transformers' Trainer refuses a GGUF-quantised model: read it once, dequantised to float32, and save it with its
+    tokenizer as the plain model directory out/base-model, with base-model/source.json naming the GGUF file and its
+    sha256. Reused when it is there and made from the same file; made from another, it is refused. A plain directory
+    (no gguf_file) is returned as it is. Both CLIs take the result as --model."""
+    if not gguf_file:
+        return model
+    import torch
+    from transformers import AutoModelForCausalLM
+    base, src = os.path.join(out, "base-model"), os.path.join(model, gguf_file)
+    source = {"gguf_file": gguf_file, "sha256": file_sha256(src)}
+    if os.path.exists(base):
+        try:
+            with open(os.path.join(base, "source.json")) as f:
+                made_from = json.load(f)
+        except (OSError, ValueError):
+            made_from = None
+        if made_from != source:
+            raise ValueError(f"{base} exists but was not made from {src} (its source.json: {made_from}): give a new "
+                             "--out, or the same GGUF file as before")
+        return base
+    lm = load_model(model, gguf_file)  # its weights are plain float32, but it is flagged as quantised: copy them
+    config = lm.config
+    for k in ("quantization_config", "_pre_quantization_dtype"):
+        config.__dict__.pop(k, None)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(lm.state_dict())
+    tmp = f"{base}.tmp{os.getpid()}"
+    try:
+        (tokenizer or load_tokenizer(model, gguf_file)).save_pretrained(tmp)
+        plain.save_pretrained(tmp)
+        with open(os.path.join(tmp, "source.json"), "w") as f:
+            json.dump(source, f)
+        os.replace(tmp, base)  # a killed run leaves base-model.tmpPID, never a half base-model
+    except Exception as e:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"{base}: cannot write the dequantised model ({e})") from None
+    return base
+
+
+def write_text(path, text):
+    """path written whole or not at all (temp file, then rename); a failure is one OSError naming the file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None

@@ -4,16 +4,18 @@ Everything here is plumbing around the method in less_ref.py: model loading (a d
 file; a saved or fresh LoRA), JSONL reading, the commands, and an offline demo on a tiny model.
 """
 import json
-import math
 import os
+import re
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: less_ref
-from cli.common import model_dir, parser, positive, read_jsonl, run, subparser, whole  # noqa: E402
-from less_ref import (Projection, _as_long, _world, check_examples, collect_features, encode_example,  # noqa: E402
-                      match, select_top, trainer_param_order)
+from cli.common import (Progress, UsageError, check_gguf, file_sha256, fraction, load_model,  # noqa: E402
+                        load_tokenizer, model_dir, parser, plain_model_dir, positive, read_jsonl, run, subparser, whole,
+                        writable_dir, writable_file, write_text)
+from less_ref import (Projection, check_examples, checkpoint_weights_from_trainer_state, collect_features,  # noqa: E402
+                      encode_example, match, select_top, trainer_param_order)
 
 
 def _task_examples(task, n, g, start_id):
@@ -33,7 +35,8 @@ def write_trainer_checkpoint(model, optimizer, lrs_per_epoch, ckpt_dir):
     """What a transformers Trainer leaves behind, as far as LESS reads it: optimizer.pt + trainer_state.json."""
     os.makedirs(ckpt_dir, exist_ok=True)
     torch.save(optimizer.state_dict(), os.path.join(ckpt_dir, "optimizer.pt"))
-    log = [{"epoch": e + (s + 1) / len(lrs), "learning_rate": lr} for e, lrs in enumerate(lrs_per_epoch) for s, lr in enumerate(lrs)]
+    log = [{"epoch": e + (s + 1) / len(lrs), "learning_rate": lr}
+           for e, lrs in enumerate(lrs_per_epoch) for s, lr in enumerate(lrs)]
     with open(os.path.join(ckpt_dir, "trainer_state.json"), "w") as f:
         json.dump({"log_history": log}, f)
 
@@ -47,14 +50,17 @@ def trainer_optimizer(model, lr, weight_decay=0.0):
 
 
 def demo(workdir=None, proj_dim=2048, seed=0):
+    """The whole pipeline on a tiny Llama; its files go to workdir, or to a temporary directory removed at the end."""
     import tempfile
+
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="less_demo_") as tmp:
+            return demo(tmp, proj_dim, seed)
     import warnings
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     warnings.filterwarnings("ignore", "There is a performance drop")  # torch.func on CPU SDPA: correct, slower
-
-    workdir = workdir or tempfile.mkdtemp(prefix="less_demo_")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -75,7 +81,7 @@ def demo(workdir=None, proj_dim=2048, seed=0):
             lr = 2e-3 * (1 - (epoch * len(warm) + step) / (2 * len(warm)))
             for grp in opt.param_groups:
                 grp["lr"] = lr
-            loss = model(input_ids=_as_long(ex["input_ids"])[None], labels=_as_long(ex["labels"])[None]).loss
+            loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -104,126 +110,148 @@ def demo(workdir=None, proj_dim=2048, seed=0):
     print("the five best scores (mean cosine with the validation gradients, weighted over checkpoints):")
     for i in top[:5].tolist():
         print(f"  {ids[i]:12s} {scores[i].item():+.4f}")
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(workdir) for f in fs)
-    print(f"features and checkpoints: {workdir} ({size / 2 ** 20:.1f} MiB; delete it when done)")
     return hit, len(top)
 
 
-def checkpoint_weights_from_trainer_state(path):
-    """eta_i = mean logged learning rate of epoch i (log entries with epoch in (i - 1, i]) from trainer_state.json."""
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable trainer_state.json ({e})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
-        raise ValueError(f"{path} has no 'log_history' list: not a transformers trainer_state.json")
-    log = [e for e in state["log_history"] if isinstance(e, dict) and "learning_rate" in e and "epoch" in e]
-    if not log:
-        raise ValueError(f"{path} has no log entry with both 'learning_rate' and 'epoch'")
-    by_epoch = {}
-    for e in log:
-        by_epoch.setdefault(max(1, math.ceil(e["epoch"] - 1e-9)), []).append(e["learning_rate"])
-    missing = sorted(set(range(1, max(by_epoch) + 1)) - set(by_epoch))
-    if missing:
-        raise ValueError(f"{path}: no learning rate logged in epoch {missing[0]} (epochs {sorted(by_epoch)} have one): "
-                         "each warm-up epoch needs its weight; pass --weights instead")
-    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
-
-
-def load_tokenizer(model, gguf_file=None):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
-
-
-def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r=0, lora_targets="q_proj,v_proj"):
-    """A causal LM from a local directory (gguf_file for a GGUF checkpoint); trainable parameters: a saved peft
-    LoRA adapter, or a fresh LoRA of rank lora_r on lora_targets, or (neither) every parameter. A fresh LoRA is
-    built under torch.manual_seed(0), so every process (every rank, every re-run) builds the same adapter and the
-    model fingerprint matches across them."""
-    from transformers import AutoModelForCausalLM
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kw)
-    if lora_adapter:
-        from peft import PeftModel
-        lm = PeftModel.from_pretrained(lm, lora_adapter, is_trainable=True)
-    elif lora_r:
-        from peft import LoraConfig, get_peft_model
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
-                                               target_modules=lora_targets.split(",")))
-    return lm
-
-
-def plain_model_dir(model, gguf_file, out, tokenizer):
-    """transformers' Trainer refuses a GGUF-quantised model: read it once, dequantised to float32, and save it with its
-    (already loaded) tokenizer as the plain model directory out/base-model (reused when it is there). A plain directory
-    is returned as it is."""
-    if not gguf_file:
-        return model
-    base = os.path.join(out, "base-model")
-    if not os.path.isfile(os.path.join(base, "config.json")):
-        from transformers import AutoModelForCausalLM
-        lm = load_model(model, gguf_file)  # its weights are plain float32, but it is flagged as quantised: copy them
-        config = lm.config
-        for k in ("quantization_config", "_pre_quantization_dtype"):
-            config.__dict__.pop(k, None)
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(lm.state_dict())
-        tokenizer.save_pretrained(base)
-        plain.save_pretrained(base)
-    return base
-
-
 def train_lora(base, examples, out, epochs=4, lr=2e-5, batch_size=1, grad_accum=32, seed=0, lora_r=128, lora_alpha=512,
-               lora_dropout=0.1, lora_targets="q_proj,k_proj,v_proj,o_proj", save=True):
+               lora_dropout=0.1, lora_targets="q_proj,k_proj,v_proj,o_proj", save=True, resume=False):
     """LESS's training recipe (its base_training_args.sh, the defaults here): a peft LoRA trained by transformers'
     Trainer on encoded examples -- AdamW, linear decay after a 3% warm-up, no weight decay, every step's learning rate
     logged; with save, a Trainer checkpoint per epoch: out/checkpoint-<step>/{adapter_model.safetensors,
-    optimizer.pt, trainer_state.json}. Trains in float32 on the CPU, as the model's dtype on CUDA. Returns the model."""
+    optimizer.pt, trainer_state.json}; resume continues from the last complete one. A checkpoint whose writing
+    fails (a full disk) is removed and the error names it. Trains in float32 on the CPU, as the model's dtype on
+    CUDA. Progress: a line per ~30 s with steps, rate and ETA, in a log file too. Returns the model."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    class ProgressLines(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = Progress(state.max_steps, f"warm-up {out}", unit="steps", initial=state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.bar.update(1)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.bar.close()
+
     tok = load_tokenizer(base)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     torch.manual_seed(seed)
     lm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets.split(","),
         task_type="CAUSAL_LM"))
     args = TrainingArguments(out, num_train_epochs=epochs, learning_rate=lr, lr_scheduler_type="linear",
-                             warmup_steps=0.03, weight_decay=0.0, optim="adamw_torch", per_device_train_batch_size=batch_size,
+                             warmup_steps=0.03, weight_decay=0.0, optim="adamw_torch",
+                             per_device_train_batch_size=batch_size,
                              gradient_accumulation_steps=grad_accum, logging_steps=1, seed=seed, data_seed=seed,
                              save_strategy="epoch" if save else "no", report_to=[], remove_unused_columns=False,
                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
     data = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
-    Trainer(model=lm, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tok, padding=True)).train()
+    trainer = Trainer(model=lm, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+                      callbacks=[ProgressLines()])
+    before = set(checkpoints(out, complete=False))
+    done = checkpoints(out) if resume else []
+    try:
+        trainer.train(resume_from_checkpoint=done[-1] if done else None)
+    except Exception as e:
+        partial = [d for d in checkpoints(out, complete=False) if d not in before and d not in checkpoints(out)]
+        if not partial:
+            raise
+        import shutil
+        for d in partial:  # made by this run, left without trainer_state.json (the Trainer writes it last)
+            shutil.rmtree(d, ignore_errors=True)
+        raise OSError(f"{partial[0]}: writing the checkpoint failed ({type(e).__name__}: {str(e)[:200]}); this "
+                      f"run's partial checkpoint was removed") from None
     return lm
+
+
+def checkpoints(out, complete=True):
+    """out/checkpoint-<step> directories in step order; complete: only those with trainer_state.json (written last)."""
+    if not os.path.isdir(out):
+        return []
+    found = [d for d in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", d)]
+    paths = [os.path.join(out, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
+    return [p for p in paths if not complete or os.path.isfile(os.path.join(p, "trainer_state.json"))]
+
+
+def _warmup_run(a, out):
+    """What defines a warm-up run (options, the data file's sha256), checked against out/warmup.json: a directory of
+    another run, or of this one without --resume, is refused naming what differs or what is there."""
+    run = {k: v for k, v in sorted(vars(a).items()) if k not in ("cmd", "debug", "resume", "out", "data")}
+    run["data_sha256"] = file_sha256(a.data)
+    if not os.path.isdir(out) or not os.listdir(out):
+        return run
+    try:
+        with open(os.path.join(out, "warmup.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        raise ValueError(f"--out {out} is not empty and holds no readable warmup.json: not a warm-up run's directory; "
+                         "give a new --out") from None
+    diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+    if diff:
+        raise ValueError(f"--out {out} holds another warm-up run "
+                         f"({', '.join(f'{k}: {old.get(k)!r} -> {run.get(k)!r}' for k in diff)}); give a new --out")
+    if not a.resume:
+        done = [os.path.basename(c) for c in checkpoints(out)]
+        raise ValueError(f"--out {out} holds this warm-up run already (checkpoints: {', '.join(done) or 'none yet'}): "
+                         "pass --resume to continue it, or use its checkpoints as they are")
+    return run
 
 
 def warmup(a):
     """LESS's warm-up: train_lora on a seeded random fraction of the data (LESS: 5%, 4 epochs). Writes
-    out/warmup.jsonl (the records trained on) and the checkpoints; returns their directories in epoch order."""
+    out/warmup.json (the run), out/warmup.jsonl (the records trained on) and the checkpoints; returns their
+    directories in epoch order. Every option and file is checked before the model loads."""
+    check_gguf(a.model, a.gguf_file)
     if not 0 <= a.lora_dropout < 1:
-        raise ValueError(f"--lora-dropout {a.lora_dropout} must be in [0, 1)")
-    tok = load_tokenizer(a.model, a.gguf_file)
+        raise UsageError(f"--lora-dropout {a.lora_dropout} must be in [0, 1)")
+    writable_dir(a.out, "--out")
     records = read_jsonl(a.data)
-    examples = [encode_example(r, tok, a.max_length) for r in records]
-    check_examples(examples, len(tok))
     n = round(a.fraction * len(records))
     if not 1 <= n <= len(records):
-        raise ValueError(f"--fraction {a.fraction} of {len(records)} records is {n}: choose one in (0, 1] that keeps 1 or more")
+        raise UsageError(f"--fraction {a.fraction} of {len(records)} records is {n}: choose one that keeps 1 or more")
+    run = _warmup_run(a, a.out)
+    tok = load_tokenizer(a.model, a.gguf_file)
+    examples = [encode_example(r, tok, a.max_length) for r in records]
+    check_examples(examples, len(tok))
     keep = sorted(torch.randperm(len(records), generator=torch.Generator().manual_seed(a.seed))[:n].tolist())
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "warmup.jsonl"), "w") as f:
-        f.writelines(json.dumps(records[i]) + "\n" for i in keep)
+    write_text(os.path.join(a.out, "warmup.json"), json.dumps(run, indent=1) + "\n")
+    write_text(os.path.join(a.out, "warmup.jsonl"), "".join(json.dumps(records[i]) + "\n" for i in keep))
     base = plain_model_dir(a.model, a.gguf_file, a.out, tok)
     train_lora(base, [examples[i] for i in keep], a.out, a.epochs, a.lr, a.batch_size, a.grad_accum, a.seed, a.lora_r,
-               a.lora_alpha, a.lora_dropout, a.lora_targets)
-    ckpts = sorted((d for d in os.listdir(a.out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+               a.lora_alpha, a.lora_dropout, a.lora_targets, resume=a.resume)
+    ckpts = checkpoints(a.out)
     print(f"warm-up on {n} of {len(records)} records ({a.out}/warmup.jsonl); base model {base}; checkpoints, one "
-          f"per epoch: {', '.join(os.path.join(a.out, c) for c in ckpts)}")
-    return [os.path.join(a.out, c) for c in ckpts]
+          f"per epoch: {', '.join(ckpts)}")
+    return ckpts
+
+
+def _check_collect(a):
+    """Every option and file of collect, before the tokenizer and the model load."""
+    check_gguf(a.model, a.gguf_file)
+    if a.lora_r and a.grad_type == "adam":
+        raise UsageError("--lora-r builds a fresh, untrained LoRA, which has no Adam moments: adam features need the "
+                         "adapter the optimizer state belongs to (--lora-adapter out/checkpoint-N)")
+    if a.lora_r and a.lora_adapter:
+        raise UsageError("give --lora-adapter (a trained adapter) or --lora-r (a fresh one), not both")
+    if a.grad_type == "adam" and not a.optimizer_state:
+        raise UsageError("--grad-type adam needs --optimizer-state (the checkpoint's optimizer.pt or optimizer.bin)")
+    if a.grad_type != "adam" and a.optimizer_state:
+        raise UsageError(f"--optimizer-state is used by --grad-type adam only, not {a.grad_type}")
+    if a.optimizer_state:
+        if not os.path.isfile(a.optimizer_state):
+            raise ValueError(f"--optimizer-state {a.optimizer_state}: no such file")
+        try:  # mapped, not read: a check of the format, cheap for a large file
+            sd = torch.load(a.optimizer_state, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"--optimizer-state {a.optimizer_state}: not a torch optimizer state that loads with "
+                             f"weights_only=True ({type(e).__name__}: {str(e)[:120]})") from None
+        if not (isinstance(sd, dict) and isinstance(sd.get("state"), dict)):
+            raise ValueError(f"--optimizer-state {a.optimizer_state}: not an optimizer state_dict (no 'state' entry)")
+    if a.lora_adapter and not os.path.isfile(os.path.join(a.lora_adapter, "adapter_config.json")):
+        raise ValueError(f"--lora-adapter {a.lora_adapter}: no adapter_config.json there (a saved peft adapter, e.g. "
+                         "out/checkpoint-N of warmup)")
+    writable_dir(a.out, "--out")
 
 
 def _scores(paths):
@@ -235,7 +263,8 @@ def _scores(paths):
             if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
                 raise ValueError(f"{path}: record {n} (id {r['id']!r}): score {score!r} is not a number")
             if r["id"] in where:
-                raise ValueError(f"id {r['id']!r} is scored twice ({where[r['id']]} and {path}): give each scores file once")
+                raise ValueError(f"id {r['id']!r} is scored twice ({where[r['id']]} and {path}): give each scores "
+                                 "file once")
             where[r["id"]] = path
             ids.append(r["id"])
             scores.append(float(score))
@@ -245,13 +274,14 @@ def _scores(paths):
 def main(argv=None):
     ap = parser("cli/less.py", "LESS gradient-feature data selection.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    w = subparser(sub, "warmup", "LESS's warm-up: LoRA on a random fraction of the data, a Trainer checkpoint per epoch")
+    w = subparser(sub, "warmup", "LESS's warm-up: LoRA on a random fraction of the data, a checkpoint per epoch")
     w.add_argument("--model", required=True, type=model_dir, help="a local model directory")
     w.add_argument("--gguf-file", help="a GGUF checkpoint inside --model: dequantised once into OUT/base-model")
     w.add_argument("--data", required=True, help="JSONL: prompt/response or messages records (id optional)")
     w.add_argument("--out", required=True, help="output directory: checkpoint-<step> per epoch, warmup.jsonl")
-    w.add_argument("--fraction", type=positive, default=0.05, help="the random share of the data trained on")
-    w.add_argument("--seed", type=whole(0), default=0, help="seed of the subset, the LoRA initialisation and the data order")
+    w.add_argument("--fraction", type=fraction, default=0.05, help="the random share of the data trained on")
+    w.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete checkpoint")
+    w.add_argument("--seed", type=whole(0), default=0, help="seed of the subset, the LoRA init and the data order")
     w.add_argument("--epochs", type=whole(1), default=4, help="epochs (one checkpoint each)")
     w.add_argument("--lr", type=positive, default=2e-5, help="peak learning rate (linear decay, 3%% warm-up)")
     w.add_argument("--batch-size", type=whole(1), default=1, help="examples per device step")
@@ -281,8 +311,8 @@ def main(argv=None):
     c.add_argument("--checkpoint", default="", help="a name recorded with the features (e.g. checkpoint-1)")
     c.add_argument("--max-length", type=whole(2), default=2048, help="tokens per record (longer ones are cut)")
     c.add_argument("--batch-size", type=whole(1), default=8, help="examples per gradient batch")
-    c.add_argument("--method", default="vmap", choices=["vmap", "loop"],
-                   help="per-example gradients batched with torch.func, or one backward per example (often faster on CPU)")
+    c.add_argument("--loop", action="store_true",
+                   help="one backward per example instead of torch.func batches (often faster on a CPU)")
     m = subparser(sub, "match", "scores of train examples against validation examples")
     m.add_argument("--train", nargs="+", required=True, help="train features.safetensors, one per checkpoint")
     m.add_argument("--val", nargs="+", required=True, help="validation features.safetensors, same checkpoints")
@@ -294,7 +324,7 @@ def main(argv=None):
     s.add_argument("--scores", nargs="+", required=True, help="JSONL files written by match")
     s.add_argument("--data", nargs="+", required=True, help="the JSONL files the train features came from")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--fraction", type=positive, help="the top fraction of all scored records (LESS: 0.05)")
+    g.add_argument("--fraction", type=fraction, help="the top fraction of all scored records (LESS: 0.05)")
     g.add_argument("--k", type=whole(1), help="or the top k records")
     s.add_argument("--out", required=True, help="JSONL of the selected records")
     subparser(sub, "demo", "an offline end-to-end run on a tiny model")
@@ -304,57 +334,56 @@ def main(argv=None):
     if a.cmd == "warmup":
         return warmup(a)
     if a.cmd == "collect":
-        if a.lora_r and a.grad_type == "adam":
-            raise ValueError("--lora-r builds a fresh, untrained LoRA, which has no Adam moments: adam features need the "
-                             "adapter the optimizer state belongs to (--lora-adapter out/checkpoint-N)")
-        if a.lora_r and a.lora_adapter:
-            raise ValueError("give --lora-adapter (a trained adapter) or --lora-r (a fresh one), not both")
-        if "RANK" in os.environ:  # torchrun
-            import torch.distributed as dist
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        tok = load_tokenizer(a.model, a.gguf_file)  # data are read and checked before the model loads
-        examples = [encode_example(r, tok, a.max_length) for r in read_jsonl(a.data)]
-        check_examples(examples, len(tok))
-        model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
-        path = collect_features(model, examples, a.out, a.grad_type, a.optimizer_state,
-                                Projection(a.proj_dim, a.seed, a.kind), a.checkpoint, batch_size=a.batch_size,
-                                method=a.method)
-        if _world()[0] == 0:
-            print(f"{len(examples)} examples -> {path}")
-        return
+        return collect(a)
     if a.cmd == "match":
+        if a.weights and a.trainer_state:
+            raise UsageError("give --weights or --trainer-state, not both")
+        writable_file(a.out, "--out")
         weights = a.weights or (checkpoint_weights_from_trainer_state(a.trainer_state) if a.trainer_state else None)
         scores, ids = match(a.train, a.val, weights, a.n_subtasks)
-        with open(a.out, "w") as f:
-            for i, sc in zip(ids, scores.tolist()):
-                f.write(json.dumps({"id": i, "score": sc}) + "\n")
+        write_text(a.out, "".join(json.dumps({"id": i, "score": sc}) + "\n" for i, sc in zip(ids, scores.tolist())))
         print(f"{len(ids)} scores -> {a.out}")
         return
-    if a.fraction is not None and not a.fraction <= 1:
-        raise ValueError(f"--fraction {a.fraction} must be in (0, 1]")
+    writable_file(a.out, "--out")
     ids, scores = _scores(a.scores)
     records = {}
     for path in a.data:
         for r in read_jsonl(path):
             if r["id"] in records:
-                raise ValueError(f"sample id {r['id']!r} appears twice in {a.data}")
-            records[r["id"]] = r
+                raise ValueError(f"{path}: sample id {r['id']!r} is in {records[r['id']][1]} too: give each record "
+                                 "once")
+            records[r["id"]] = (r, path)
     missing = [i for i in ids if i not in records]
     if missing:
         raise ValueError(f"{len(missing)} scored ids are in none of {a.data}, e.g. {missing[:3]}: the data changed "
                          "since collect, or another file was given")
     k = a.k if a.k is not None else int(a.fraction * len(ids))
     if not 1 <= k <= len(ids):
-        raise ValueError(f"{'--k ' + str(a.k) if a.k is not None else '--fraction ' + str(a.fraction)} selects {k} "
+        raise UsageError(f"{'--k ' + str(a.k) if a.k is not None else '--fraction ' + str(a.fraction)} selects {k} "
                          f"of {len(ids)} scored records: choose between 1 and {len(ids)}")
     top = select_top(torch.tensor(scores, dtype=torch.float64), k=k)
-    with open(a.out, "w") as f:
-        for i in top.tolist():
-            f.write(json.dumps(records[ids[i]]) + "\n")
+    write_text(a.out, "".join(json.dumps(records[ids[i]][0]) + "\n" for i in top.tolist()))
     print(f"{len(top)} of {len(ids)} records -> {a.out}")
+
+
+def collect(a):
+    """Options and files checked, data read and checked, then the model loaded and the features collected."""
+    _check_collect(a)
+    if "RANK" in os.environ:  # torchrun
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    tok = load_tokenizer(a.model, a.gguf_file)  # data are read and checked before the model loads
+    examples = [encode_example(r, tok, a.max_length) for r in read_jsonl(a.data)]
+    check_examples(examples, len(tok))
+    model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    path = collect_features(model, examples, a.out, a.grad_type, a.optimizer_state,
+                            Projection(a.proj_dim, a.seed, a.kind), a.checkpoint, batch_size=a.batch_size,
+                            vmap=not a.loop)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{len(examples)} examples -> {path}")
 
 
 if __name__ == "__main__":

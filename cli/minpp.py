@@ -4,6 +4,8 @@ Plumbing around the method in minpp_ref.py: model loading (a directory, a hub id
 prompt/answer records, GSM8K answer checking ("#### N", compared as numbers), the commands, and an offline
 demo on a tiny model.
 """
+import json
+import math
 import os
 import re
 import sys
@@ -13,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: minpp_ref
-from cli.common import model_dir, parser, positive, positives, read_jsonl, run, subparser, whole  # noqa: E402
-from minpp_ref import (MinPPlusHead, answer_logits, apply_min_p, apply_temperature, generate, minpp_logits,  # noqa: E402
-                       train_head, weight_entropy)
+from cli.common import (Progress, UsageError, check_gguf, finite, load_model, load_tokenizer,  # noqa: E402
+                        model_dir, parser, positive, positives, read_jsonl, run, subparser, whole, writable_file,
+                        write_text)
+from minpp_ref import (MinPPlusHead, answer_logits, apply_min_p, apply_temperature, generate,  # noqa: E402
+                       minpp_logits, train_head, weight_entropy)
 
 
 def extract_answer(text):
@@ -35,11 +39,6 @@ def answers_match(pred_text, gold_text):
     return a is not None and a == b
 
 
-def minp_targets(logits, p_base, generator):
-    """Targets drawn from min-p(p_base)-truncated softmax(logits): the data MinP+ should learn to imitate."""
-    return torch.multinomial(apply_min_p(torch.softmax(logits.float(), -1), p_base), 1, generator=generator)[:, 0]
-
-
 def demo(p_base=0.1, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,7 +50,7 @@ def demo(p_base=0.1, seed=0):
     model = LlamaForCausalLM(cfg).eval()
     # synthetic answers: continue random prompts with tokens from min-p(p_base) of the frozen model
     prompts = torch.randint(0, 96, (128, 8), generator=g)
-    seqs = torch.tensor(generate(model, prompts, 24, method="min_p", min_p=p_base, generator=g))
+    seqs = torch.tensor(generate(model, prompts, 24, min_p=p_base, generator=g))
     ids = torch.cat([prompts, seqs], 1)
     labels = ids.clone()
     labels[:, :8] = -100  # the prompt does not count
@@ -77,9 +76,9 @@ def demo(p_base=0.1, seed=0):
         print(f"{t:9.4f}  {s:6.3f} {'#' * int(40 * s)}")
     prompt = prompts[:1]
     print("12 new tokens for the first prompt, per sampler (token ids of the random vocabulary):")
-    for method, kw in [("greedy", {}), ("none", {}), ("top_k", {"top_k": 5}), ("top_p", {"top_p": 0.9}),
-                       ("min_p", {"min_p": p_base}), ("minpp", {"minpp": (head.tau, head.w.detach())})]:
-        print(f"{method:7s}", generate(model, prompt, 12, method=method, generator=g, **kw)[0])
+    for name, kw in [("greedy", {"do_sample": False}), ("none", {}), ("top_k", {"top_k": 5}), ("top_p", {"top_p": 0.9}),
+                     ("min_p", {"min_p": p_base}), ("minpp", {"minpp": (head.tau, head.w.detach())})]:
+        print(f"{name:7s}", generate(model, prompt, 12, generator=g, **kw)[0])
 
 
 def head_diagnostics(head, logits, target, min_share=1e-3):
@@ -94,36 +93,32 @@ def head_diagnostics(head, logits, target, min_share=1e-3):
 
 
 
-def _load(model, gguf_file=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(model, **kw)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(model, **kw).eval(), tok
-
-
 def _prompt_text(tok, prompt):
     """The prompt as the model sees it: the chat template's user turn + generation prompt when there is one."""
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
     return prompt
 
 
-def _records(path):
+def _records(path, need_answer_number=False):
+    """{prompt, answer} records; for eval every answer must hold its number after '####' (what is compared)."""
     rows = read_jsonl(path, need=("prompt", "answer"))
     for r in rows:
         if not (isinstance(r["prompt"], str) and isinstance(r["answer"], str)):
-            raise ValueError(f"{path}: record {r['id']}: prompt and answer must be strings (GSM8K style: '... #### 42')")
+            raise ValueError(f"{path}: record {r['id']}: prompt and answer must be strings (GSM8K style: "
+                             "'... #### 42')")
+        if need_answer_number and extract_answer(r["answer"]) is None:
+            raise ValueError(f"{path}: record {r['id']}: the answer has no number after '####' "
+                             f"({r['answer'][-60:]!r}): "
+                             "eval compares that number, so there would be nothing to measure")
     return rows
 
 
 def _answer_data(model, tok, rows, max_length):
     """Frozen logits at the answer tokens of every record (prompt as the model sees it, answer + eos): (n, V)."""
-    from tqdm import tqdm
-    zs, ts = [], []
-    for r in tqdm(rows, desc="answer logits", disable=None):
+    zs, ts, bar = [], [], Progress(len(rows), "answer logits")
+    for r in rows:
         p = tok(_prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
         a = tok(r["answer"] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
         if len(p) >= max_length:
@@ -134,27 +129,33 @@ def _answer_data(model, tok, rows, max_length):
         z, t = answer_logits(model, ids, labels)
         zs.append(z)
         ts.append(t)
+        bar.update()
+    bar.close()
     return torch.cat(zs), torch.cat(ts)
 
 
 def _sampler(spec, head):
     """'greedy', 'none', 'top_k=50', 'top_p=0.9', 'min_p=0.1' or 'minpp' -> generate() keyword arguments."""
     name, _, value = spec.partition("=")
-    if name == "greedy":
-        return {"method": "greedy"}
-    if name == "minpp":
+    if name == "greedy" and not value:
+        return {"do_sample": False}
+    if name == "minpp" and not value:
         if head is None:
-            raise ValueError("the 'minpp' sampler needs --head")
-        return {"method": "minpp", "minpp": (head.tau, head.w.detach())}
+            raise UsageError("the 'minpp' sampler needs --head")
+        return {"minpp": (head.tau, head.w.detach())}
     if name not in ("none", "top_k", "top_p", "min_p") or (name != "none") != bool(value):
-        raise ValueError(f"sampler {spec!r}: use greedy, none, top_k=K, top_p=P, min_p=P or minpp")
+        raise UsageError(f"sampler {spec!r}: use greedy, none, top_k=K, top_p=P, min_p=P or minpp")
+    if name == "none":
+        return {}
     try:
-        v = int(value) if name == "top_k" else float(value) if value else None
+        v = int(value) if name == "top_k" else float(value)
     except ValueError:
-        raise ValueError(f"sampler {spec!r}: {value!r} is not a {'whole number' if name == 'top_k' else 'number'}") from None
-    if v is not None and not (v >= 1 if name == "top_k" else 0 < v <= 1 if name == "top_p" else 0 <= v <= 1):
-        raise ValueError(f"sampler {spec!r}: {'K >= 1' if name == 'top_k' else 'P in (0, 1]' if name == 'top_p' else 'P in [0, 1]'}")
-    return {"method": name, **({name: v} if value else {})}
+        raise UsageError(f"sampler {spec!r}: {value!r} is not a {'whole number' if name == 'top_k' else 'number'}") \
+            from None
+    if not (v >= 1 if name == "top_k" else 0 < v <= 1 if name == "top_p" else 0 <= v <= 1):
+        need = {"top_k": "K >= 1", "top_p": "P in (0, 1]", "min_p": "P in [0, 1]"}[name]
+        raise UsageError(f"sampler {spec!r}: {need}")
+    return {name: v}
 
 
 def main(argv=None):
@@ -164,8 +165,9 @@ def main(argv=None):
     e = subparser(sub, "eval", "GSM8K-style accuracy per sampler and temperature")
     g = subparser(sub, "generate", "continue one prompt")
     for p in (t, e, g):
-        p.add_argument("--model", required=True, type=model_dir, help="a local model directory")
-        p.add_argument("--gguf-file", help="a GGUF checkpoint inside --model (read dequantised to float32)")
+        p.add_argument("--model", required=True, type=model_dir,
+                       help="a local model directory (warmup's OUT/base-model is one: a GGUF read once)")
+        p.add_argument("--gguf-file", help="a GGUF checkpoint inside --model (read dequantised to float32, every run)")
     t.add_argument("--data", required=True, help="JSONL of {prompt, answer} records")
     t.add_argument("--K", type=whole(2), default=32, help="number of thresholds (tau = 0 is one of them)")
     t.add_argument("--grid", default="log", choices=["log", "linear"], help="threshold spacing")
@@ -173,7 +175,7 @@ def main(argv=None):
     t.add_argument("--steps", type=whole(1), default=300, help="Adam steps")
     t.add_argument("--lr", type=positive, default=0.1, help="Adam learning rate")
     t.add_argument("--reg", default="entropy", choices=["entropy", "l1"], help="regulariser of the weights")
-    t.add_argument("--lam", type=float, default=0.0, help="regulariser weight: > 0 sharpens (fewer active thresholds)")
+    t.add_argument("--lam", type=finite, default=0.0, help="regulariser weight: > 0 sharpens (fewer active thresholds)")
     t.add_argument("--temperature", type=positive, default=1.0, help="temperature the head is trained at")
     t.add_argument("--max-length", type=whole(2), default=1024, help="tokens per record (prompt + answer)")
     t.add_argument("--out", required=True, help="head.safetensors (and its .jsonl export beside it)")
@@ -185,6 +187,7 @@ def main(argv=None):
     e.add_argument("--n-samples", type=whole(1), default=1, help="samples per problem and sampler")
     e.add_argument("--batch-size", type=whole(1), default=8, help="prompts per batch (left-padded)")
     e.add_argument("--show", type=whole(0), default=2, help="generations printed per sampler and temperature")
+    e.add_argument("--out", help="JSON of every problem's correctness per sampler and temperature, and the table")
     for p in (e, g):
         p.add_argument("--max-new-tokens", type=whole(1), default=256, help="new tokens per answer")
         p.add_argument("--seed", type=whole(0), default=0, help="seed of the sampling generator")
@@ -196,50 +199,97 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         return demo()
-    head = MinPPlusHead.load(a.head) if getattr(a, "head", None) else None  # arguments and data before the model
+    # every option and file before the model loads: the model's directory, --out, the head, the samplers, the data
+    check_gguf(a.model, a.gguf_file)
+    if getattr(a, "out", None):
+        writable_file(a.out, "--out")
+    head = MinPPlusHead.load(a.head) if getattr(a, "head", None) else None
     specs = {s: _sampler(s, head) for s in (a.samplers.split(",") if a.cmd == "eval" else [getattr(a, "sampler", "")])
              if a.cmd != "train"}
-    rows = _records(a.data) if a.cmd != "generate" else None
-    model, tok = _load(a.model, a.gguf_file)
+    rows = _records(a.data, need_answer_number=a.cmd == "eval") if a.cmd != "generate" else None
+    model, tok = load_model(a.model, a.gguf_file).eval(), load_tokenizer(a.model, a.gguf_file, padding_side="left")
     if a.cmd == "train":
-        z, target = _answer_data(model, tok, rows, a.max_length)
-        head = MinPPlusHead(K=a.K, grid=a.grid, tau_min=a.tau_min)
-        train_head(head, z, target, steps=a.steps, lr=a.lr, reg=a.reg, lam=a.lam, temperature=a.temperature,
-                   log_every=max(1, a.steps // 10))
-        d = head_diagnostics(head, apply_temperature(z, a.temperature), target)
-        print(f"{target.numel()} answer tokens: cross-entropy {d['base_ce']:.4f} (base) -> {d['minpp_ce']:.4f} (MinP+); "
-              f"{d['active']} active thresholds keep {100 * d['kept_fraction']:.1f}% of the vocabulary")
-        head.save(a.out)
-        head.export_jsonl(os.path.splitext(a.out)[0] + ".jsonl")
-        print(f"head -> {a.out}")
-        return
+        return train(a, model, tok, rows)
     g_ = torch.Generator().manual_seed(a.seed)
     if a.cmd == "generate":
         enc = tok([_prompt_text(tok, a.prompt)], return_tensors="pt", add_special_tokens=False)
-        out = generate(model, enc.input_ids, a.max_new_tokens, temperature=a.temperature, attention_mask=enc.attention_mask,
-                       eos_token_id=tok.eos_token_id, generator=g_, **specs[a.sampler])
+        out = generate(model, enc.input_ids, a.max_new_tokens, temperature=a.temperature,
+                       attention_mask=enc.attention_mask, eos_token_id=tok.eos_token_id, generator=g_,
+                       **specs[a.sampler])
         print(tok.decode(out[0], skip_special_tokens=True))
         return
-    from tqdm import tqdm
-    table = {}
+    return evaluate(a, model, tok, rows, specs, g_)
+
+
+def train(a, model, tok, rows):
+    z, target = _answer_data(model, tok, rows, a.max_length)
+    head = MinPPlusHead(K=a.K, grid=a.grid, tau_min=a.tau_min)
+    train_head(head, z, target, steps=a.steps, lr=a.lr, reg=a.reg, lam=a.lam, temperature=a.temperature,
+               log_every=max(1, a.steps // 10))
+    d = head_diagnostics(head, apply_temperature(z, a.temperature), target)
+    print(f"{target.numel()} answer tokens: cross-entropy {d['base_ce']:.4f} (base) -> {d['minpp_ce']:.4f} (MinP+); "
+          f"{d['active']} active thresholds keep {100 * d['kept_fraction']:.1f}% of the vocabulary"
+          + (" (tau = 0 has weight: every token keeps some probability, the low ones scaled down)"
+             if d["kept_fraction"] == 1 else ""))
+    head.save(a.out)
+    head.export_jsonl(os.path.splitext(a.out)[0] + ".jsonl")
+    print(f"head -> {a.out}")
+    return head
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def evaluate(a, model, tok, rows, specs, g_):
+    """Accuracy per sampler and temperature, printed as it goes and as a closing table with 95% Wilson intervals;
+    --out: the table and every problem's correctness (per sample) as JSON."""
+    table, per_problem = {}, {}
     for spec, kw in specs.items():
         for T in a.temperatures if spec != "greedy" else [None]:  # greedy (argmax) has no temperature
-            right, shown = 0, []
-            for b in tqdm(range(0, len(rows), a.batch_size), desc=f"{spec} T={T}", leave=False, disable=None):
+            n_samples = a.n_samples if spec != "greedy" else 1
+            right, shown, marks = 0, [], {r["id"]: [] for r in rows}
+            bar = Progress(len(rows) * n_samples, f"{spec} T={T}", unit="answers")
+            for b in range(0, len(rows), a.batch_size):
                 batch = rows[b:b + a.batch_size]
                 enc = tok([_prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
                           add_special_tokens=False)
-                for _ in range(a.n_samples if spec != "greedy" else 1):
+                for _ in range(n_samples):
                     outs = generate(model, enc.input_ids, a.max_new_tokens, temperature=T or 1.0,
-                                    attention_mask=enc.attention_mask, eos_token_id=tok.eos_token_id, generator=g_, **kw)
+                                    attention_mask=enc.attention_mask, eos_token_id=tok.eos_token_id, generator=g_,
+                                    **kw)
                     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
-                    right += sum(answers_match(x, r["answer"]) for x, r in zip(texts, batch))
+                    for x, r in zip(texts, batch):
+                        ok = answers_match(x, r["answer"])
+                        right += ok
+                        marks[r["id"]].append(int(ok))
                     shown += [(r["id"], x) for x, r in zip(texts, batch)][:a.show - len(shown)]
-            n = len(rows) * (a.n_samples if spec != "greedy" else 1)
+                    bar.update(len(batch))
+            bar.close()
+            n = len(rows) * n_samples
             table[spec, T] = right / n
-            print(f"{spec:12s} {'' if T is None else f'T={T}':8s} accuracy {right}/{n} = {right / n:.3f}", flush=True)
+            per_problem[f"{spec} T={T}"] = marks
+            lo, hi = wilson(right, n)
+            print(f"{spec:12s} {'' if T is None else f'T={T}':8s} accuracy {right}/{n} = {right / n:.3f} "
+                  f"[{lo:.3f}, {hi:.3f}]", flush=True)
             for rid, x in shown:  # a few generations, so a low score can be told apart from a broken format
                 print(f"    {rid}: {x!r}")
+    print("\nsampler      T        accuracy  95% interval (Wilson)")
+    for (spec, T), acc in table.items():
+        n = len(rows) * (a.n_samples if spec != "greedy" else 1)
+        lo, hi = wilson(round(acc * n), n)
+        print(f"{spec:12s} {'' if T is None else T!s:8s} {acc:8.3f}  [{lo:.3f}, {hi:.3f}]")
+    if a.out:
+        write_text(a.out, json.dumps({"data": a.data, "n_problems": len(rows), "n_samples": a.n_samples,
+                                      "max_new_tokens": a.max_new_tokens, "seed": a.seed,
+                                      "accuracy": {f"{s} T={T}": acc for (s, T), acc in table.items()},
+                                      "correct": per_problem}, indent=1) + "\n")
+        print(f"per-problem results -> {a.out}")
     return table
 
 

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from cli import less as less_cli  # noqa: E402
 from cli.common import read_jsonl  # noqa: E402
-from less_ref import encode_example  # noqa: E402
+from less_ref import checkpoint_weights_from_trainer_state, encode_example  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "garden", "rocket", "silver", "planet",
@@ -127,7 +127,7 @@ def main():
     base = f"{w}/warm/base-model"
     for e, ck in enumerate(ckpts, 1):
         common = ["collect", "--model", base, "--lora-adapter", ck, "--checkpoint", os.path.basename(ck), "--kind", "sjlt",
-                  "--method", "loop"]
+                  "--loop"]
         step("collect", common + ["--data", f"{w}/data/pool.jsonl", "--out", f"{w}/grads/train-{e}", "--grad-type", "adam",
                                   "--optimizer-state", f"{ck}/optimizer.pt"])
         step("collect", common + ["--data", f"{w}/data/val.jsonl", "--out", f"{w}/grads/val-{e}", "--grad-type", "sgd"])
@@ -172,7 +172,7 @@ def main():
            "less_minus_full_loss": dict(zip(("mean", "ci95_lo", "ci95_hi"),
                                             bootstrap([a - b for a, b in zip(results["less"]["loss"], results["full"]["loss"])]))),
            "selected": [x["id"] for x in subsets["less"]], "checkpoint_weights":
-               less_cli.checkpoint_weights_from_trainer_state(f"{ckpts[-1]}/trainer_state.json"),
+               checkpoint_weights_from_trainer_state(f"{ckpts[-1]}/trainer_state.json"),
            "per_example": {name: v["loss"] for name, v in results.items()}, "seconds": seconds,
            "total_min": (time.perf_counter() - t0) / 60, "torch": torch.__version__, "threads": torch.get_num_threads()}
     path = os.path.join(HERE, "results-less-proof.json") if a.update_results else (a.out or f"{w}/results-less-proof.json")

@@ -117,7 +117,8 @@ def generate_paired(model, tok, prompts, samplers, max_new, seed, shared=True, s
                 for T in stats_at:
                     st = minpp_ref.band_statistics(logits[sel], nxt[sel], HEAD_TAU, temperature=T)
                     for i, row in enumerate(r.tolist()):
-                        rows[row][T].append(tuple(x[i:i + 1] for x in st))
+                        rows[row][T].append(st._replace(log_p=st.log_p[i:i + 1], band=st.band[i:i + 1],
+                                                        mass=st.mass[i:i + 1], weight=st.weight[i:i + 1]))
             keep = []
             for i, (r, t) in enumerate(zip(alive.tolist(), nxt.tolist())):
                 if t != eos:
@@ -167,7 +168,7 @@ def gold_rows(model, tok, probs):
 
 
 def cat(sets):
-    return minpp_ref.BandStats(*(torch.cat(x) for x in zip(*sets)))
+    return minpp_ref.BandStats.cat(sets)
 
 
 HEAD_TAU = minpp_ref.threshold_grid(K=32, grid="log", tau_min=1e-3)
@@ -271,6 +272,10 @@ def main():
         r["examples"] = {k: x[:2] for (k, TT, _), x in zip(test_s, test_texts) if TT == T}
         print(f"T={T}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["test_accuracy"].items()), flush=True)
         print(f"  best tuned on dev: {r['best_tuned']}; heads vs it: {r['head_vs_best_tuned']}", flush=True)
+    # the per-problem data behind every accuracy, interval and p-value above (1 = right), in problem order
+    res["test_problems"] = [p["answer"] for p in test_p]
+    res["test_correct"] = {f"{k} T={T}": [int(x) for x in v] for (T, k), v in ok.items()}
+    res["dev_correct"] = {f"{k} T={T}": [int(x) for x in correct(x, dev_p)] for (T, k, _), x in zip(flat, dev_texts)}
     res.update(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)", n={"train": n_train, "dev": n_dev, "test": n_test},
                hi=a.hi, max_new_tokens=a.max_new, head_grid="K=32 log from 1e-3 (tau_1 = 0)", seconds=seconds,
                total_min=(time.perf_counter() - t0) / 60, torch=torch.__version__, threads=torch.get_num_threads())

@@ -100,7 +100,7 @@ def less_part(model, tok, out_dir, rng):
     t = time.perf_counter()
     for name, data, gt in (("train", pool_ex, "adam"), ("val", val_ex, "sgd")):
         files[name] = less_ref.collect_features(lm, data, os.path.join(out_dir, name), gt, os.path.join(ckpt, "optimizer.pt"),
-                                                less_ref.Projection(8192, 0), "checkpoint-1", batch_size=8, method="loop")
+                                                less_ref.Projection(8192, 0), "checkpoint-1", batch_size=8, vmap=False)
     collect_s = time.perf_counter() - t
     scores, ids = less_ref.match([files["train"]], [files["val"]])
     top = less_ref.select_top(scores, fraction=0.05)
@@ -139,8 +139,8 @@ def minpp_part(model, tok, out_dir, rng, n_train=60, n_test=30, max_new_tokens=4
     head.save(os.path.join(out_dir, "head.safetensors"))
     print(f"MinP+: {target.numel()} answer tokens; cross-entropy {d['base_ce']:.3f} -> {d['minpp_ce']:.3f}; "
           f"{d['active']} active thresholds keep {100 * d['kept_fraction']:.1f}% of the vocabulary")
-    samplers = {"greedy": {"method": "greedy"}, "top_p=0.9": {"method": "top_p", "top_p": 0.9},
-                "min_p=0.1": {"method": "min_p", "min_p": 0.1}, "minpp": {"method": "minpp", "minpp": (head.tau, head.w.detach())}}
+    samplers = {"greedy": {"do_sample": False}, "top_p=0.9": {"top_p": 0.9}, "min_p=0.1": {"min_p": 0.1},
+                "minpp": {"minpp": (head.tau, head.w.detach())}}
     g = torch.Generator().manual_seed(0)
     acc, t = {}, time.perf_counter()
     for name, kw in samplers.items():

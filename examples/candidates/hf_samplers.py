@@ -1,7 +1,7 @@
 """Candidate adapter: transformers' own logits warpers as the classic samplers.
 
 A correct third-party implementation, so the suite must pass it:
-    PYTHONPATH=examples python -m pytest test_minpp.py --minpp-impl hf_samplers
+    PYTHONPATH=examples/candidates python -m pytest test_minpp.py --minpp-impl hf_samplers
 Only apply_top_k / apply_top_p / apply_min_p are provided; everything MinP+ is "not provided" (skipped).
 Each takes probabilities (N, V), masks with the warper on log p, and renormalises in float32.
 """

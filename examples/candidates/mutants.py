@@ -1,8 +1,9 @@
 """Does the suite catch realistic bugs? Each mutant is the reference with one bug a faster implementation could
-plausibly have; the suite, run against it as a candidate, must fail (exit 1). Not part of CI (about 5 minutes).
+plausibly have; the suite, run against it as a candidate, must fail (exit 1). Not part of CI (15-40 minutes on 2
+cores).
 
-    python examples/mutants.py            # all mutants
-    python examples/mutants.py M3 M8      # some
+    python examples/candidates/mutants.py            # all mutants
+    python examples/candidates/mutants.py M3 M8      # some
 """
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MUTANTS = {  # name: (module, what the bug is, old text, new text)
     "M1": ("less_ref", "example_gradients: padding labelled 0 instead of -100 (padding enters the loss)",
@@ -20,8 +21,8 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
            "return {n: state.get(i) for n, i in zip(param_order, index)}",
            "return {n: state.get(i) for (n, _), i in zip(trainable_parameters(model), index)}"),
     "M3": ("less_ref", "project: row_offset ignored (every slice starts at row 0)",
-           "rademacher_block(seed, row_offset + r0, nr, proj_dim, x.device)",
-           "rademacher_block(seed, r0, nr, proj_dim, x.device)"),
+           "_rademacher_rows(seed, row_offset + r0, nr, proj_dim, x.device)",
+           "_rademacher_rows(seed, r0, nr, proj_dim, x.device)"),
     "M4": ("less_ref", "hash counter drops its high 32 bits (rows 2^32 / W apart collide)",
            "return _fmix32(_fmix32((counter & _M32) ^ s1) ^ (counter >> 32) ^ s2)",
            "return _fmix32(_fmix32((counter & _M32) ^ s1) ^ s2)"),
@@ -29,8 +30,8 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
            "    params = _check_model_inputs(model, examples)\n    model.eval()\n",
            "    params = _check_model_inputs(model, examples)\n"),
     "M6": ("less_ref", "model_fingerprint hashes trainable parameters only (a changed frozen base is resumed)",
-           "for n, p in model.named_parameters() for x in",
-           "for n, p in trainable_parameters(model) for x in"),
+           "return _sha(x for n, p in model.named_parameters()",
+           "return _sha(x for n, p in trainable_parameters(model)"),
     "M7": ("less_ref", "sjlt without the 1/sqrt(s) scale",
            "return (out[0] if squeeze else out).div_(math.sqrt(s))",
            "return out[0] if squeeze else out"),
@@ -48,7 +49,7 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
             "kept = (before < top_p).sum(-1, keepdim=True)", "kept = (before <= top_p).sum(-1, keepdim=True)"),
     # bugs in the functions the suite reaches since its core/policy split (issue 20)
     "M13": ("minpp_ref", "generate: sampling ignores the temperature",
-            "return dict(f, temperature=temperature)", "return dict(f, temperature=1.0)"),
+            "check=False, **filters)", "check=False, **dict(filters, temperature=1.0))"),
     "M14": ("minpp_ref", "generate: a finished row keeps receiving tokens",
             "            if done[i]:\n                continue\n", "            if False:\n                continue\n"),
     "M15": ("less_ref", "encode_example: the prompt's tokens are labelled too",
@@ -74,7 +75,8 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
     "M25": ("less_ref", "projected_features: every slice projected from row 0",
             "row_offset=a)", "row_offset=0)"),
     "M26": ("less_ref", "sjlt: every block k // s columns wide (the last columns of wider blocks never used)",
-            "% ((t + 1) * proj_dim // s - start)", "% (proj_dim // s)"),
+            "return start + (words >> 1) % ((t + 1) * proj_dim // s - start), (1 - 2",
+            "return start + (words >> 1) % (proj_dim // s), (1 - 2"),
     "M27": ("minpp_ref", "band_statistics: the target's band counts thresholds < r_t (a target on a threshold misses it)",
             "torch.bucketize(d_t, log_tau, right=True), mass))", "torch.bucketize(d_t, log_tau), mass))"),
     "M28": ("minpp_ref", "band_statistics: the temperature ignored (the statistics of the T = 1 distribution)",
@@ -83,15 +85,46 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
             "loss = (stats.weight * row).sum() / stats.weight.sum()", "loss = row.mean()"),
     "M30": ("minpp_ref", "band_statistics: the masses M_i summed over r_v > tau_i's band below (off by one band)",
             "mass = H.flip(1).cumsum(1).flip(1)[:, 1:] / Z[:, None]", "mass = H.flip(1).cumsum(1).flip(1)[:, :-1] / Z[:, None]"),
+    # issue 30's blind spots and issue 25's integrity: each must fail the core tier
+    "M31": ("minpp_ref", "band_statistics: rows of a pad id >= 0 scored (ignore_index taken as -100)",
+            "_check_loss_args(logits, target, tau, None, ignore_index, chunk_rows)",
+            "_check_loss_args(logits, target, tau, None, -100, chunk_rows)"),
+    "M32": ("minpp_ref", "minpp_loss_plain: ignore_index taken as -100",
+            "target, ignore_index=ignore_index)", "target, ignore_index=-100)"),
+    "M33": ("minpp_ref", "train_head: trained at T = 1 whatever the temperature",
+            "band_statistics(logits, target, head.tau, 1.0 if temperature is None else temperature)",
+            "band_statistics(logits, target, head.tau)"),
+    "M34": ("minpp_ref", "generate: a malformed attention mask accepted",
+            "left_padding = ((m == 0) | (m == 1)).all() and", "left_padding = True or"),
+    "M35": ("less_ref", "Projection: its s not passed on (the default s projects)",
+            "return project(x, self.proj_dim, self.seed, row_offset, self.kind, self.s)",
+            "return project(x, self.proj_dim, self.seed, row_offset, self.kind)"),
+    "M36": ("less_ref", "model_fingerprint: the first 1024 entries of each tensor only",
+            "{p.requires_grad};\".encode(), p))", "{p.requires_grad};\".encode(), p.reshape(-1)[:1024]))"),
+    "M37": ("less_ref", "file checksum: the ids left out (a swapped id passes)",
+            "parts = [json.dumps(meta, sort_keys=True).encode()]",
+            "parts = [json.dumps({k: v for k, v in meta.items() if k != 'ids'}, sort_keys=True).encode()]"),
+    "M38": ("less_ref", "file checksum checked only when present (an edited file without one passes)",
+            ("if checksum is None or meta.get(\"format\") != FILE_FORMAT:", "if checksum != _file_checksum(tensors, meta):"),
+            ("if False:", "if checksum is not None and checksum != _file_checksum(tensors, meta):")),
+    "M39": ("less_ref", "less_scores: weights loaded with strict=False, unchecked (another prefix loads nothing)",
+            "            _check_weights(model, weights, i)\n", ""),
+    "M40": ("less_ref", "collect: an optimizer state given with sgd is used (Adam features under grad_type sgd)",
+            ("adam = adam_state(model, optimizer_state) if grad_type == \"adam\" else None",
+             "y = projection(gradient_features(grads[:, a:b], grad_type, part, eps_outside), row_offset=a)"),
+            ("adam = adam_state(model, optimizer_state) if optimizer_state is not None else None",
+             "y = projection(gradient_features(grads[:, a:b], \"adam\" if part else grad_type, part, eps_outside), row_offset=a)")),
 }
 
 
 def run(name, tmp):
-    module, what, old, new = MUTANTS[name]
+    module, what, olds, news = MUTANTS[name]
     src = open(os.path.join(ROOT, f"{module}.py")).read()
-    assert src.count(old) == 1, f"{name}: the text to mutate is not in {module}.py once"
+    for old, new in zip(*((olds, news) if isinstance(olds, tuple) else ((olds,), (news,)))):  # one or more edits
+        assert src.count(old) == 1, f"{name}: the text to mutate is not in {module}.py once: {old!r}"
+        src = src.replace(old, new)
     with open(os.path.join(tmp, f"mutant_{name}.py"), "w") as f:
-        f.write(src.replace(old, new))
+        f.write(src)
     kind, test = ("less", "test_less.py") if module == "less_ref" else ("minpp", "test_minpp.py")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test,

@@ -4,7 +4,7 @@ columns and signs come from a 32-bit multiply-xorshift hash of (seed, row, t), s
 on blocks, batches, slices or the device. Another valid matrix, so it declares its own identity: the suite
 skips only the matrix-equality tests and runs every JL / linearity / batch / slice / precision property on it.
 
-    PYTHONPATH=examples python -m pytest test_less.py --less-impl own_sjlt
+    PYTHONPATH=examples/candidates python -m pytest test_less.py --less-impl own_sjlt
 
 The dense kind is not provided (NotImplementedError: a skip).
 """

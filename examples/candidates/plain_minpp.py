@@ -1,7 +1,7 @@
 """An independent MinP+ / sampler implementation, written from SPEC Part 2's formulas (not from minpp_ref):
 dense broadcasting instead of bucketize, the plain cross-entropy loss, ascending-sort nucleus. Its logits keep
 the input dtype (bf16 in, bf16 out), another correct design the suite must accept.
-    PYTHONPATH=examples python -m pytest test_minpp.py --minpp-impl plain_minpp
+    PYTHONPATH=examples/candidates python -m pytest test_minpp.py --minpp-impl plain_minpp
 """
 import math
 

@@ -2,7 +2,7 @@
 
 Another valid Rademacher matrix, so it declares its own identity: the suite skips only the test that asks for
 the reference's matrix and runs every JL / linearity / batch / slice / precision property on it:
-    PYTHONPATH=examples python -m pytest test_less.py --less-impl trak_projector
+    PYTHONPATH=examples/candidates python -m pytest test_less.py --less-impl trak_projector
 TRAK applies no 1/sqrt(k) scale (added here) and its matrix depends on its block size (fixed here). Row
 offsets are served by a projector over rows [0, row_offset + D) with x placed at its rows, so only offsets up
 to 2^20 are supported (NotImplementedError beyond: a skip, not a failure); the sparse kind is not provided.

@@ -1,7 +1,7 @@
 """LESS as the original code computes it, written from SPEC Part 1 (not from less_ref): a correct implementation
 with none of this project's extra promises, which must pass the suite's core tier.
 
-    PYTHONPATH=examples python -m pytest test_less.py --less-impl original_less
+    PYTHONPATH=examples/candidates python -m pytest test_less.py --less-impl original_less
 
 - gradients: batch size 1, `model(**batch).loss.backward()`, then p.grad of the trainable parameters in
   named_parameters() order (collect_grad_reps.py), in eval mode;

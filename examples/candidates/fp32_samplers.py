@@ -2,7 +2,7 @@
 (not from minpp_ref): a correct implementation with none of this project's extra promises, which must pass
 the suite's core tier.
 
-    PYTHONPATH=examples python -m pytest test_minpp.py --minpp-impl fp32_samplers
+    PYTHONPATH=examples/candidates python -m pytest test_minpp.py --minpp-impl fp32_samplers
 
 - temperature: softmax(logits / T) in float32 (transformers' TemperatureLogitsWarper divides the same way);
 - top-p as transformers' formulation: token i of the descending order is dropped when cumsum_i - p_i >= top_p,

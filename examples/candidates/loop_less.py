@@ -1,7 +1,7 @@
 """An independent LESS implementation of the gradient half, written from SPEC Part 1 (not from less_ref):
 batch-size-1 autograd loop, Adam features, optimizer state from a live optimizer / Trainer optimizer.pt /
 FSDP optimizer.bin, influence scores and top-k. No projection or storage (those tests skip).
-    PYTHONPATH=examples python -m pytest test_less.py --less-impl loop_less
+    PYTHONPATH=examples/candidates python -m pytest test_less.py --less-impl loop_less
 """
 import torch
 import torch.nn.functional as F
