@@ -90,8 +90,8 @@ def project_all(pool, val, ckpts, base, eta):
         x = torch.cat(feats + [less_ref.example_gradients(model, val, vmap=False)])  # (308, D): pool Adam, val SGD
         del feats, model
         seconds["gradients"].append(time.perf_counter() - t)
-        t_feats["exact"].append(x[:n].clone())  # normalised by influence_scores; 1.1 GB per checkpoint
-        v_feats["exact"].append(x[n:].clone())
+        t_feats["exact"].append(x[:n])  # views: x (1.1 GB) is kept per checkpoint, normalised by influence_scores
+        v_feats["exact"].append(x[n:])
         for name, project in P.items():
             t = time.perf_counter()
             y = project(x)

@@ -21,6 +21,7 @@ import types
 
 import numpy as np
 import torch
+from _projector_adapter import check_args
 
 PROJECTION = "bergson-2.5.1-philox-rademacher-global"
 IDENTIFIER = "flat/single/seed{seed}"  # bergson's projection_identifier(name, "single", seed) for one flat gradient
@@ -61,13 +62,7 @@ def block_columns(identifier, start, c0, c1, proj_dim):
 
 
 def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher"):
-    if kind == "sjlt":
-        raise NotImplementedError("kind='sjlt': bergson has no sparse projection")
-    if kind != "rademacher":
-        raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
-    for name, v, lo in (("proj_dim", proj_dim, 1), ("seed", seed, 0), ("row_offset", row_offset, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
+    check_args(proj_dim, seed, row_offset, kind, "bergson has no sparse projection")
     squeeze = x.dim() == 1
     x = x[None] if squeeze else x
     ident, width = IDENTIFIER.format(seed=seed), max(1, BLOCK_NUMEL // proj_dim)

@@ -12,6 +12,7 @@ kinds ("sjlt", "grass") run only in its CudaProjector with the compiled `sjlt` C
 NotImplementedError here (a skip).
 """
 import torch
+from _projector_adapter import check_args, from_row_zero
 from dattri.func.projection import BasicProjector, ProjectionType
 
 PROJECTION = "dattri-basic-rademacher-block100"
@@ -19,20 +20,12 @@ _MAX_OFFSET = 2 ** 20
 
 
 def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher"):
-    if kind == "sjlt":
-        raise NotImplementedError("kind='sjlt': dattri's SJLT needs CUDA and the compiled sjlt package")
-    if kind != "rademacher":
-        raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
-    for name, v, lo in (("proj_dim", proj_dim, 1), ("seed", seed, 0), ("row_offset", row_offset, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
-    if row_offset > _MAX_OFFSET:
-        raise NotImplementedError(f"row_offset={row_offset} > {_MAX_OFFSET}")
-    squeeze = x.dim() == 1
-    x = x[None] if squeeze else x
-    padded = torch.zeros(x.shape[0], row_offset + x.shape[1], dtype=torch.float32, device=x.device)
-    padded[:, row_offset:] = x.float()
-    proj = BasicProjector(feature_dim=padded.shape[1], proj_dim=proj_dim, seed=seed,
-                          proj_type=ProjectionType.rademacher, device=x.device, block_size=100, dtype=torch.float32)
-    out = proj.project(padded, ensemble_id=0)  # dattri divides by sqrt(proj_dim) itself
-    return out[0] if squeeze else out
+    check_args(proj_dim, seed, row_offset, kind, "dattri's SJLT needs CUDA and the compiled sjlt package",
+               _MAX_OFFSET)
+
+    def project_rows(padded):
+        proj = BasicProjector(feature_dim=padded.shape[1], proj_dim=proj_dim, seed=seed,
+                              proj_type=ProjectionType.rademacher, device=x.device, block_size=100,
+                              dtype=torch.float32)
+        return proj.project(padded, ensemble_id=0)  # dattri divides by sqrt(proj_dim) itself
+    return from_row_zero(x, row_offset, project_rows)

@@ -10,6 +10,7 @@ to 2^20 are supported (NotImplementedError beyond: a skip, not a failure); the s
 import math
 
 import torch
+from _projector_adapter import check_args, from_row_zero
 from trak.projectors import BasicProjector, ProjectionType
 
 PROJECTION = "trak-basic-rademacher-block100"
@@ -17,20 +18,11 @@ _MAX_OFFSET = 2 ** 20
 
 
 def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher"):
-    if kind == "sjlt":
-        raise NotImplementedError("kind='sjlt': TRAK has no sparse projector")
-    if kind != "rademacher":
-        raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
-    for name, v, lo in (("proj_dim", proj_dim, 1), ("seed", seed, 0), ("row_offset", row_offset, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
-    if row_offset > _MAX_OFFSET:
-        raise NotImplementedError(f"row_offset={row_offset} > {_MAX_OFFSET}")
-    squeeze = x.dim() == 1
-    x = x[None] if squeeze else x
-    padded = torch.zeros(x.shape[0], row_offset + x.shape[1], dtype=torch.float32, device=x.device)
-    padded[:, row_offset:] = x.float()
-    proj = BasicProjector(grad_dim=padded.shape[1], proj_dim=proj_dim, seed=seed, proj_type=ProjectionType.rademacher,
-                          device=x.device, block_size=100, dtype=torch.float32)
-    out = proj.project(padded, model_id=0) / math.sqrt(proj_dim)
-    return out[0] if squeeze else out
+    check_args(proj_dim, seed, row_offset, kind, "TRAK has no sparse projector", _MAX_OFFSET)
+
+    def project_rows(padded):
+        proj = BasicProjector(grad_dim=padded.shape[1], proj_dim=proj_dim, seed=seed,
+                              proj_type=ProjectionType.rademacher, device=x.device, block_size=100,
+                              dtype=torch.float32)
+        return proj.project(padded, model_id=0) / math.sqrt(proj_dim)
+    return from_row_zero(x, row_offset, project_rows)
