@@ -13,14 +13,15 @@ randomly projected to proj_dim, L2-normalised, and matched against validation gr
 Unlike the original, the projection P is a pure function of (seed, row, column) -- identical for every block size,
 batch split and device -- and every stored feature row stays tied to its sample id by a checksum.
 
-Reading order: 1. the method in plain torch -- less_scores (all of it, in memory), then its parts: gradient features,
-per-example gradients, the projection (R from its per-entry rule, x @ R / sqrt(k)), scores and selection; 2. the
-fast paths, each equal to a plain form of section 1 (torch.func gradients, R generated block by block, features
-slice by slice); 3. machinery (optimizer files, storage, sharding, resume, matching files, DataFlex's dynamic
-selection); 4. data preparation; 5. input checks. The tools are in cli/less.py. Imports with torch alone.
+Reading order: 1. the method -- less_scores (all of it, in memory), then its parts in plain torch: gradient features,
+per-example gradients, the projection (R from its per-entry rule, x @ R / sqrt(k)), scores and selection; 2. fast
+paths (torch.func gradients, R generated block by block, features slice by slice and buffer by buffer); 3. machinery
+(optimizer files, storage, sharding, resume, matching files, DataFlex's dynamic selection); 4. data preparation;
+5. input checks. The tools are in cli/less.py. Imports with torch alone.
 Precision: all arithmetic is float32 whatever the input dtype; features and scores are float32.
 """
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -113,6 +114,7 @@ PROJECTION = "rademacher-fmix32-v1"
 PROJECTION_KINDS = {"rademacher": PROJECTION, "sjlt": "sjlt-fmix32-v1"}
 SJLT_S = 4  # sjlt's nonzeros per input coordinate; see project_plain
 _M32 = 0xFFFFFFFF
+GRAD_BUFFER_BYTES = 2 ** 31  # float32 gradient rows projected together by collection (R made once per buffer): 2 GiB
 
 
 def projection_matrix(nrows, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S):
@@ -215,7 +217,7 @@ def select_top(scores, fraction=None, k=None):
 
 
 # ============================================================================
-# 2. Fast paths, each equal to a plain form above
+# 2. Fast paths, each equal to the plain form above up to float32 summation order
 def _vmap_gradients(model, examples, params):
     """example_gradients with torch.func over a right-padded batch, padding labelled -100 and no attention mask:
     causal attention never lets a real token see the padding after it, so each row equals the loop up to rounding."""
@@ -258,9 +260,12 @@ def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, bloc
     example; s = 4 matches the dense kind's distortion on gradients (RESULTS.md). row_offset: x holds rows
     [row_offset, row_offset + D) of a gradient, so slices (per layer, an FSDP shard) project separately and sum to
     the whole. Equal up to float32 summation order for every block size, batch, slice and device."""
-    squeeze = x.dim() == 1
+    if x.dim() not in (1, 2):
+        raise ValueError(f"x must be (N, D) or (D,), got shape {tuple(x.shape)}")
+    squeeze, (N, D) = x.dim() == 1, x.reshape(-1, x.shape[-1]).shape
     x = x[None] if squeeze else x
-    N, D = _check_projection(x, proj_dim, seed, row_offset, kind, s, block_rows)
+    _check_projection_args(proj_dim, seed, kind, s, block_rows)
+    _check_rows(row_offset, D, (proj_dim + 31) // 32 if kind == "rademacher" else s)
     out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)
     if kind == "rademacher":
         block_rows = block_rows or max(1, 2 ** 24 // proj_dim)
@@ -283,25 +288,29 @@ def projected_features(grads, grad_type, adam_state, projection, eps_outside=Fal
     summation order, with feature temporaries (m_hat, v_hat, ...) of (N, slice_cols) instead of (N, D)."""
     out = None
     for a in range(0, grads.shape[1], slice_cols):
-        b = min(a + slice_cols, grads.shape[1])
-        part = None if adam_state is None else (adam_state[0][a:b], adam_state[1][a:b])
-        y = projection(gradient_features(grads[:, a:b], grad_type, part, eps_outside), row_offset=a)
+        part = None if adam_state is None else tuple(m[a:a + slice_cols] for m in adam_state)
+        y = projection(gradient_features(grads[:, a:a + slice_cols], grad_type, part, eps_outside), row_offset=a)
         out = y if out is None else out.add_(y)
     return out
 
 
-def _features(model, examples, grad_type, adam, projection, batch_size, vmap=True, eps_outside=False, bar=None):
-    """Projected features (N, proj_dim) batch by batch; a non-finite gradient is an error naming the sample."""
-    rows = []
+def _features(model, examples, grad_type, adam, projection, batch_size, vmap=True, eps_outside=False, bar=None,
+              buffer_bytes=None):
+    """Projected features (N, proj_dim): gradients batch by batch into a buffer of <= buffer_bytes (>= one batch; twice
+    that while projected), projected at once: dense R is made once per buffer. A non-finite gradient names its id."""
+    rows, buf, buffer_bytes = [], [], buffer_bytes or GRAD_BUFFER_BYTES
     for b in range(0, len(examples), batch_size):
         batch = examples[b:b + batch_size]
-        g = example_gradients(model, batch, vmap)
+        g = example_gradients(model, batch, vmap)  # (B, D)
         bad = ~torch.isfinite(g).all(1)
         if bad.any():
             raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
                              f"(bf16 overflow or a broken example); its score would be meaningless")
-        rows.append(projected_features(g, grad_type, adam, projection, eps_outside))
-        if bar is not None:
+        buf.append(g)
+        if b + batch_size >= len(examples) or (sum(map(len, buf)) + batch_size) * g.shape[1] * 4 > buffer_bytes:
+            rows.append(projected_features(torch.cat(buf), grad_type, adam, projection, eps_outside))  # (n, k)
+            buf = []
+        if bar is not None:  # per gradient batch: the timer's lines and the moving rate cover the projections
             bar.update(len(batch))
     return torch.cat(rows) if rows else torch.zeros(0, projection.proj_dim)
 
@@ -361,7 +370,7 @@ def adam_state(model, source, param_order=None):
                          "optimizer.pt / optimizer.bin")
     else:
         by_name = _state_by_name(source, model, param_order)
-    ms, vs = [], []
+    moments = []
     for n, p in params:
         s = by_name.get(n)
         if not s or "exp_avg" not in s or "exp_avg_sq" not in s:
@@ -373,9 +382,8 @@ def adam_state(model, source, param_order=None):
         if not (torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all()
                 and (s["exp_avg_sq"] >= 0).all()):
             raise ValueError(f"optimizer state for parameter {n!r} has a non-finite entry or a negative exp_avg_sq")
-        ms.append(s["exp_avg"].reshape(-1).float().to(p.device))
-        vs.append(s["exp_avg_sq"].reshape(-1).float().to(p.device))
-    return torch.cat(ms), torch.cat(vs)
+        moments.append([s[k].reshape(-1).float().to(p.device) for k in ("exp_avg", "exp_avg_sq")])
+    return tuple(torch.cat(m) for m in zip(*moments))
 
 
 def checkpoint_weights_from_trainer_state(path):
@@ -408,12 +416,11 @@ def checkpoint_weights_from_trainer_state(path):
 
 # --- storage: row i of every feature file belongs to ids[i], under one checksum; what the rows were computed from
 def _sha(parts, n_hex=16, chunk_bytes=2 ** 28):
-    """sha256 (n_hex hex digits) of a sequence of bytes and tensors (a tensor's raw bytes, 256 MiB at a time)."""
-    import ctypes
+    """sha256 (n_hex hex digits) of bytes, tensors (raw bytes, 256 MiB at a time) and other values (JSON), in order."""
     h = hashlib.sha256()
     for x in parts:
         if not torch.is_tensor(x):
-            h.update(x)
+            h.update(x if isinstance(x, bytes) else json.dumps(x).encode())
             continue
         flat = x.detach().reshape(-1)
         step = max(1, chunk_bytes // flat.element_size())
@@ -430,27 +437,26 @@ def model_fingerprint(model):
                 for x in (f"{n}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad};".encode(), p))
 
 
-FILE_FORMAT = "less-ref-features-v2"  # v2: one checksum over every tensor and every metadata field
+FILE_FORMAT = "less-ref-features-v3"  # v3: ids as a tensor (any number of them), one checksum over everything
 
 
 def _file_checksum(tensors, meta):
-    """sha256 of everything a feature file says: each tensor's name, dtype, shape and bytes, and every metadata field
-    (ids, identity, format) as canonical JSON. Ids are inside it: a swapped or edited id is a changed file."""
-    parts = [json.dumps(meta, sort_keys=True).encode()]
+    """sha256 of everything a feature file says: each tensor's name, dtype, shape and bytes (the ids' too), and every
+    metadata field (identity, format) as canonical JSON: a swapped or edited id is a changed file."""
+    parts = [json.dumps(meta, sort_keys=True).encode()]  # canonical: keys sorted
     for k in sorted(tensors):
         parts += [f"{k}|{tensors[k].dtype}|{tuple(tensors[k].shape)};".encode(), tensors[k]]
     return _sha(parts, n_hex=64)
 
 
-def _ids_digest(ids):
-    return _sha([json.dumps(ids).encode()])
-
-
 def _write_atomic(tensors, metadata, path):
     """A safetensors file with JSON metadata and its checksum, written to a temp file then renamed, with the umask's
-    permissions (safetensors writes 0600: other users' ranks must read it); a failure is an OSError naming it."""
+    permissions (safetensors writes 0600: other users' ranks must read it); a failure is an OSError naming it.
+    metadata["ids"] is stored as the uint8 tensor "ids" (their JSON): the header (100 MB at most) never holds them."""
     from safetensors.torch import save_file
     meta = dict(metadata, format=FILE_FORMAT)
+    ids = bytearray(json.dumps(meta.pop("ids")).encode())  # never empty: "[]" at least
+    tensors = dict(tensors, ids=torch.frombuffer(ids, dtype=torch.uint8))
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata={**{k: json.dumps(v) for k, v in meta.items()},
@@ -486,15 +492,17 @@ def _read_features(path):
     if checksum != _file_checksum(tensors, meta):
         raise ValueError(f"{path}: its content (features, ids or metadata) does not match its checksum: the file was "
                          "changed after it was written; it is not used")
-    if "features" not in tensors or "ids" not in meta or "identity" not in meta:
+    if "features" not in tensors or "ids" not in tensors or "identity" not in meta:
         raise ValueError(f"{path}: not a feature file (needs 'features', 'ids' and 'identity')")
-    x, ids, k = tensors["features"], meta["ids"], meta["identity"]["proj_dim"]
+    ids = meta["ids"] = json.loads(ctypes.string_at(tensors["ids"].data_ptr(), tensors["ids"].numel()))
+    x, k = tensors["features"], meta["identity"]["proj_dim"]
     if x.dim() != 2 or x.shape[0] != len(ids) or x.shape[1] != k:
         raise ValueError(f"{path}: {tuple(x.shape)} features for {len(ids)} ids and proj_dim {k}")
-    first = {}
-    for i, sid in enumerate(ids):
-        if first.setdefault(json.dumps(sid), i) != i:
-            raise ValueError(f"{path}: sample id {sid!r} labels two rows ({first[json.dumps(sid)]} and {i})")
+    if not all(isinstance(i, (str, int)) for i in ids) or len(set(ids)) != len(ids):
+        first = {}
+        for i, sid in enumerate(ids):
+            if first.setdefault(json.dumps(sid), i) != i:
+                raise ValueError(f"{path}: sample id {sid!r} labels two rows ({first[json.dumps(sid)]} and {i})")
     return tensors, meta
 
 
@@ -504,38 +512,39 @@ def load_features(path, merged=False):
     tensors, meta = _read_features(path)
     if merged and "positions" in tensors:
         raise ValueError(f"{path} is one chunk of a collection, not its merged features.safetensors")
-    if "positions" not in tensors and _ids_digest(meta["ids"]) != meta["identity"].get("ids"):
+    if "positions" not in tensors and _sha([meta["ids"]]) != meta["identity"].get("ids"):
         raise ValueError(f"{path}: its ids are not the ones its collection was given (in that order)")
     return tensors["features"], meta["ids"], meta["identity"]
 
 
 class _Progress:
-    """A tqdm bar on a terminal; in a log file (nohup, a scheduler) a line on stderr after the first batch, then every
-    PROGRESS_SECONDS (environment, default 30) and at the end: records done / total, rate, ETA."""
+    """Lines on stderr, which a log file (nohup, a scheduler) shows as a terminal does: at the first batch, then every
+    PROGRESS_SECONDS of wall time (environment, default 30; a timer, so a slow batch shows too; 0: every batch) and
+    at the end: records done / total, the rate over the last ~10 lines, ETA."""
 
-    def __init__(self, total, desc, rank=0, initial=0):
-        self.total, self.desc, self.done, self.start, self.t0, self.last = total, desc, initial, initial, time.time(), \
-            None
-        self.every, self.bar = float(os.environ.get("PROGRESS_SECONDS", 30)), None
-        if sys.stderr.isatty():
-            with contextlib.suppress(ImportError):
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, desc=desc, position=rank, unit="record")
+    def __init__(self, total, desc, initial=0):
+        import threading
+        self.total, self.desc, self.done, self.marks = total, desc, initial, [(time.time(), initial)]
+        self.every, self.stop = float(os.environ.get("PROGRESS_SECONDS", 30)), threading.Event()
+        if self.every > 0:
+            threading.Thread(target=lambda: [self._line() for _ in iter(lambda: self.stop.wait(self.every), True)],
+                             daemon=True).start()  # a line each time the wait ends without close()
+
+    def _line(self):
+        now, (then, done_then) = time.time(), self.marks[0]
+        rate = (self.done - done_then) / max(now - then, 1e-9)
+        self.marks = (self.marks + [(now, self.done)])[-10:]
+        eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
+        print(f"{self.desc}: {self.done}/{self.total} records ({100 * self.done / max(self.total, 1):.0f}%), "
+              f"{rate:.2f} records/s, ETA {eta}", file=sys.stderr, flush=True)
 
     def update(self, n):
         self.done += n
-        now = time.time()
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.last is None or now - self.last >= self.every or self.done >= self.total:
-            self.last, rate = now, (self.done - self.start) / max(now - self.t0, 1e-9)
-            eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
-            print(f"{self.desc}: {self.done}/{self.total} records ({100 * self.done / max(self.total, 1):.0f}%), "
-                  f"{rate:.2f} records/s, ETA {eta}", file=sys.stderr, flush=True)
+        if len(self.marks) == 1 or self.every <= 0 or self.done >= self.total:
+            self._line()
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
+        self.stop.set()
 
 
 def _world():
@@ -620,8 +629,8 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
                      checkpoint="", chunk_size=160, batch_size=8, vmap=True):
     """Projected features of examples written as atomic chunk files of chunk_size rows, merged by rank 0 into
     out_dir/features.safetensors (the path returned); under torchrun rank r takes its DistributedSampler shard.
-    A re-run resumes; another configuration is refused naming the field; errors name the sample id and stop
-    every rank. README "Scaling out" has the details."""
+    A re-run resumes; another configuration is refused naming the field; errors name the sample id and stop every
+    rank. Memory: GRAD_BUFFER_BYTES (settable) of float32 gradients per projection. README "Scaling out": details."""
     rank, world = _world()
     examples = list(examples)
 
@@ -633,12 +642,12 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
         _check_projection_args(*projection)
         params = _check_model_inputs(model, examples)
         adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
-        data = _sha(json.dumps([e["id"], _as_long(e["input_ids"]).tolist(), _as_long(e["labels"]).tolist()]).encode()
+        data = _sha([e["id"], _as_long(e["input_ids"]).tolist(), _as_long(e["labels"]).tolist()]
                     for e in examples)  # ids, tokens and labels, in order
         identity = dict(projection.identity(sum(p.numel() for _, p in params)), grad_type=grad_type,
                         checkpoint=str(checkpoint), model=model_fingerprint(model), n_examples=len(examples),
-                        data=data, chunk_size=chunk_size, world_size=world,
-                        optimizer=None if adam is None else _sha(adam), ids=_ids_digest([e["id"] for e in examples]))
+                        data=data, chunk_size=chunk_size, world_size=world, ids=_sha([[e["id"] for e in examples]]),
+                        optimizer=None if adam is None else _sha(adam))
         return identity, adam
 
     identity, adam = _sync(rank, world, prepare)  # nothing is written before every argument is checked
@@ -652,9 +661,8 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     chunks = [positions[i:i + chunk_size] for i in range(0, len(positions), chunk_size)]
     shard, paths = _chunk_paths(out_dir, rank, world, len(chunks))
     os.makedirs(shard, exist_ok=True)
-    for f in os.listdir(shard):  # temp files of writes killed half-way
-        if ".tmp" in f:
-            os.remove(os.path.join(shard, f))
+    for f in [f for f in os.listdir(shard) if ".tmp" in f]:  # temp files of writes killed half-way
+        os.remove(os.path.join(shard, f))
     for c, path in enumerate(paths):  # chunks of an earlier run: kept if whole and ours, else recomputed
         if os.path.exists(path) and not _holds(path, identity, chunks[c]):
             warnings.warn(f"{path}: truncated, changed or of another configuration; recomputing it")
@@ -662,7 +670,7 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     todo = [c for c, path in enumerate(paths) if not os.path.exists(path)]
 
     def compute():
-        bar = _Progress(len(positions), f"rank {rank}: {grad_type} features {checkpoint}".rstrip(), rank,
+        bar = _Progress(len(positions), f"rank {rank}: {grad_type} features {checkpoint}".rstrip(),
                         initial=len(positions) - sum(len(chunks[c]) for c in todo))
         for c in todo:
             chunk = [examples[i] for i in chunks[c]]
@@ -693,18 +701,20 @@ def merge_features(out_dir):
             if not os.path.exists(path):
                 raise ValueError(f"{out_dir}: rank {rank} has not finished (no {os.path.basename(path)}); resume it")
             tensors, meta = _read_features(path)
-            x, chunk_ids, pos = tensors["features"], meta["ids"], tensors["positions"].tolist()
+            x, chunk_ids, pos = tensors["features"], meta["ids"], tensors["positions"]  # (c, k), c, (c,)
             if meta["identity"] != identity:
                 raise ValueError(f"{path} was written by another configuration than {out_dir}/identity.json")
-            if pos != positions[start:start + size]:
-                raise ValueError(f"{path} holds positions {pos[:5]}..., not rank {rank}'s shard")
-            for row, i, sid in zip(x, pos, chunk_ids):
-                if filled[i]:
-                    if sid != ids[i] or not torch.allclose(row / row.norm(), feats[i] / feats[i].norm(), atol=1e-4):
-                        raise ValueError(f"{out_dir}: two different rows for sample id {sid!r} (position {i})")
-                    continue
-                feats[i], ids[i], filled[i] = row, sid, True
-    if _ids_digest(ids) != identity["ids"]:
+            if pos.tolist() != positions[start:start + size]:
+                raise ValueError(f"{path} holds positions {pos[:5].tolist()}..., not rank {rank}'s shard")
+            again = filled[pos]  # (c,) padding repeats of another rank's rows (DistributedSampler)
+            for j, i in zip(again.nonzero()[:, 0].tolist(), pos[again].tolist()):
+                if chunk_ids[j] != ids[i] or not torch.allclose(x[j] / x[j].norm(), feats[i] / feats[i].norm(),
+                                                                atol=1e-4):
+                    raise ValueError(f"{out_dir}: two different rows for sample id {chunk_ids[j]!r} (position {i})")
+            feats[pos[~again]], filled[pos] = x[~again], True
+            for i, sid in zip(pos.tolist(), chunk_ids):  # a repeat's id is its first row's (checked above)
+                ids[i] = sid
+    if _sha([ids]) != identity["ids"]:
         raise ValueError(f"{out_dir}: the chunks' ids in dataset order are not the ids the collection was given")
     feats = _normalise_rows(feats, f"{out_dir} feature")
     _write_atomic({"features": feats.contiguous()}, {"ids": ids, "identity": identity},
@@ -753,7 +763,7 @@ def select_step(model, optimizer, pool, val, n_select, projection=Projection(), 
     adam = adam_state(model, optimizer)
     was_training = model.training
     mine = list(range(rank, len(pool), world))
-    bar = _Progress(len(val) + len(mine), f"rank {rank}: select_step", rank)
+    bar = _Progress(len(val) + len(mine), f"rank {rank}: select_step")
     try:
         v = _features(model, val, "sgd", None, projection, batch_size, vmap, bar=bar)
         t = _features(model, [pool[i] for i in mine], "adam", adam, projection, batch_size, vmap, eps_outside, bar)
@@ -782,9 +792,7 @@ def encode_example(record, tokenizer, max_length=2048):
     ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if "messages" in record:
         msgs = record["messages"]
-        def render(m, gen=False):
-            return tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
-
+        render = lambda m, g=False: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g)  # noqa
         ids = ids_of(render(msgs))
         labels = [-100] * len(ids)
         for i, m in enumerate(msgs):
@@ -836,24 +844,15 @@ def _check_rows(row0, nrows, per_row):
                          f"{per_row} = {2 ** 63 // per_row} for this proj_dim")
 
 
-def _check_projection_args(proj_dim, seed, kind, s):
+def _check_projection_args(proj_dim, seed, kind, s, block_rows=None):
+    if block_rows is not None:
+        _whole("block_rows", block_rows)
     _whole("proj_dim", proj_dim)
     _whole("seed", seed, 0, 2 ** 32 - 1)
     if kind not in PROJECTION_KINDS:
         raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
     if kind == "sjlt":
         _whole(f"s (sjlt nonzeros per row, <= proj_dim={proj_dim})", s, 1, proj_dim)
-
-
-def _check_projection(x, proj_dim, seed, row_offset, kind, s, block_rows):
-    """(N, D) of a valid project() call; any bad argument is a ValueError naming it."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be (N, D) or (D,), got shape {tuple(x.shape)}")
-    _check_projection_args(proj_dim, seed, kind, s)
-    if block_rows is not None:
-        _whole("block_rows", block_rows)
-    _check_rows(row_offset, x.shape[1], (proj_dim + 31) // 32 if kind == "rademacher" else s)
-    return x.shape
 
 
 def _check_influence_inputs(train, val, checkpoint_weights, n_subtasks):

@@ -167,16 +167,10 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None
     """The sampling distribution: softmax(z / T), then top-k, top-p, min-p, MinP+ (tau, w), each renormalised.
     The order is transformers' (temperature, top-k, top-p, min-p); vLLM applies min-p before top-k/top-p,
     which differs when filters are combined. float32 (N, V). check: as in minpp_probs."""
-    p = torch.softmax(apply_temperature(logits, temperature), -1)
-    if top_k is not None:
-        p = apply_top_k(p, top_k)
-    if top_p is not None:
-        p = apply_top_p(p, top_p)
-    if min_p is not None:
-        p = apply_min_p(p, min_p)
-    if minpp is not None:
-        p = minpp_probs(p, *minpp, check=check)
-    return p
+    p = torch.softmax(apply_temperature(logits, temperature), -1)  # (N, V)
+    for apply, x in ((apply_top_k, top_k), (apply_top_p, top_p), (apply_min_p, min_p)):  # in this order
+        p = p if x is None else apply(p, x)
+    return p if minpp is None else minpp_probs(p, *minpp, check=check)
 
 
 def next_token(logits, do_sample=True, generator=None, **filters):
@@ -555,8 +549,7 @@ def band_loss(stats, w):
     log(sum_i w_i M_i) - log(w_1 + ... + w_b) - log p_t, with w / max w (q is scale-free). float64 sums, float32
     result; +inf where a target's c = w_1 + ... + w_b is 0 (and a warning). Differentiable in w, which is checked
     as minpp_loss checks it (K entries for the statistics' K thresholds, finite, >= 0, not all 0)."""
-    if not isinstance(stats, BandStats):
-        raise TypeError(f"band_loss needs the BandStats of band_statistics, got {type(stats).__name__}")
+    _check_stats(stats)
     check_thresholds(stats.tau, w)
     return _band_loss(stats, w)
 
@@ -582,8 +575,9 @@ def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None
     """Up to max_new_tokens new tokens per row (a list of lists), with a KV cache; the filters (temperature, top_k,
     top_p, min_p, minpp=(tau, w)) go to next_token as given, and do_sample alone decides sampling vs argmax.
     Left-padded prompts (attention_mask of 0s then 1s) get position ids of their real tokens, so each row
-    generates what its prompt alone would. A row stops after eos or when decode(its last len(longest stop string)
-    tokens) ends with a stop string."""
+    generates what its prompt alone would. A row stops after eos or when the decoded text of its last n tokens ends
+    with a stop string, n = 1 + the longest stop string's UTF-8 bytes (a token holds at least one byte: a stop
+    string split over tokens, e.g. a character of several byte tokens, is found; 1 token of context)."""
     _check_filters(filters)
     _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_strings, decode)
     if filters.get("minpp") is not None:
@@ -592,7 +586,7 @@ def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None
     out = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return out
-    window = max((len(s) for s in stop_strings), default=0)
+    window = max((len(s.encode("utf-8")) + 1 for s in stop_strings), default=0)
     model.eval()
     dev = input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev, torch.long)
@@ -693,9 +687,18 @@ def _check_training(steps, lr, reg, lam, log_every):
         raise ValueError(f"regulariser must be 'entropy' or 'l1', got {reg!r}")
 
 
-def _check_stats(stats, tau):
-    """Statistics made for these thresholds (the loss of another grid would be wrong without any error)."""
-    if stats.tau.shape != tau.shape or not torch.equal(stats.tau.cpu().float(), tau.detach().cpu().float()):
+def _check_stats(stats, tau=None):
+    """BandStats whose fields fit together (N rows, K thresholds) and, given tau, made for these thresholds (the loss
+    of another grid would be wrong without any error)."""
+    if not isinstance(stats, BandStats):
+        raise TypeError(f"need the BandStats of band_statistics, got {type(stats).__name__}")
+    n, k = stats.log_p.shape[:1], tuple(stats.tau.shape)
+    shapes = {"log_p": n, "band": n, "mass": n + k, "weight": n}
+    if any(tuple(getattr(stats, f).shape) != shape for f, shape in shapes.items()):
+        raise ValueError("BandStats fields do not fit together: " + ", ".join(
+            f"{f} {tuple(getattr(stats, f).shape)}" for f in shapes) + f" for {k[0]} thresholds")
+    if tau is not None and (stats.tau.shape != tau.shape
+                            or not torch.equal(stats.tau.cpu().float(), tau.detach().cpu().float())):
         raise ValueError(f"the statistics were made for other thresholds ({stats.tau.numel()} from "
                          f"{stats.tau[:3].tolist()}...) than the head's ({tau.numel()} from {tau[:3].tolist()}...)")
 
@@ -778,10 +781,7 @@ _FILTERS = ("temperature", "top_k", "top_p", "min_p", "minpp")
 
 
 def _check_filters(filters):
-    """generate's filters are next_token_probs' keywords; anything else (the old method= selector) is refused."""
-    if "method" in filters:
-        raise ValueError(f"generate takes the filters themselves (top_k=50, top_p=0.9, min_p=0.1, minpp=(tau, w)), not "
-                         f"method={filters['method']!r}; greedy is do_sample=False")
+    """generate's filters are next_token_probs' keywords; anything else is refused."""
     unknown = sorted(set(filters) - set(_FILTERS))
     if unknown:
         raise ValueError(f"generate got {unknown}: the filters are {', '.join(_FILTERS)}")

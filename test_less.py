@@ -9,6 +9,7 @@ A "relation" test checks two calls of the implementation against each other (an 
 Part B tests reference-only internals (hash arithmetic, chunk files, fake ranks, the command line) on less_ref
 itself; it is deselected when a candidate is named.
 """
+import contextlib
 import json
 import math
 import os
@@ -1074,19 +1075,34 @@ def _edit_header(path, edit):
     path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
 
 
-def _swap_ids(meta, ids, replace=False):
-    """The metadata field holding the ids (a JSON list equal to `ids`) with two ids swapped, or the second replaced
-    by the first (another record's id); a skip if no field holds them."""
-    for key, value in meta.items():
-        try:
-            stored = json.loads(value)
-        except ValueError:
-            continue
-        if stored == ids and len(ids) >= 2:
-            stored = list(stored)
-            stored[0], stored[1] = (stored[0], stored[0]) if replace else (stored[1], stored[0])
-            return dict(meta, **{key: json.dumps(stored)})
-    pytest.skip("the ids are not stored as a JSON list in the safetensors metadata: this edit does not apply")
+def _swap_ids(path, ids, replace=False):
+    """Edit the stored ids of a safetensors file, data unchanged: the first two swapped, or the second replaced by the
+    first (another record's id). Where the ids are: a metadata field holding them as a JSON list, or their JSON
+    strings in the file's bytes (a tensor of text); a skip if neither (ids[0] and ids[1] have one length here)."""
+    header = {}
+
+    def edit(meta):
+        for key, value in meta.items():
+            with contextlib.suppress(ValueError):
+                if json.loads(value) == ids:
+                    stored = list(ids)
+                    stored[0], stored[1] = (stored[0], stored[0]) if replace else (stored[1], stored[0])
+                    header["edited"] = True
+                    return dict(meta, **{key: json.dumps(stored)})
+        return meta
+
+    _edit_header(path, edit)
+    if header:
+        return
+    raw = bytearray(path.read_bytes())
+    a, b = json.dumps(ids[0]).encode(), json.dumps(ids[1]).encode()
+    i, j = raw.find(a), raw.find(b)
+    if len(a) != len(b) or i < 0 or j < 0:
+        pytest.skip("the ids are neither a JSON list in the metadata nor JSON text in the data: this edit does not apply")
+    raw[j:j + len(b)] = a
+    if not replace:
+        raw[i:i + len(a)] = b
+    path.write_bytes(bytes(raw))
 
 
 def _verified_collection(impl, tmp_path, n=9):
@@ -1112,7 +1128,7 @@ def test_an_edited_chunk_is_never_used(impl, tmp_path, edit):
         _flip_a_bit_of_the_features(chunk)
         _edit_header(chunk, lambda m: {k: v for k, v in m.items() if "sha" not in k.lower() and "checksum" not in k.lower()})
     else:
-        _edit_header(chunk, lambda m: _swap_ids(m, ids_in_chunk, replace=edit.startswith("an id replaced")))
+        _swap_ids(chunk, ids_in_chunk, replace=edit.startswith("an id replaced"))
     (tmp_path / "a" / "features.safetensors").unlink()
     try:
         _collect(impl, model, ex, tmp_path / "a")
@@ -1137,7 +1153,7 @@ def test_an_edited_features_file_is_refused(impl, tmp_path, edit):
     if edit == "the checksum removed and a feature changed":
         _edit_header(merged, lambda m: {k: v for k, v in m.items() if "sha" not in k.lower() and "checksum" not in k.lower()})
     elif edit != "one bit of a feature":
-        _edit_header(merged, lambda m: _swap_ids(m, clean[1], replace=edit.startswith("an id replaced")))
+        _swap_ids(merged, clean[1], replace=edit.startswith("an id replaced"))
     with pytest.raises(Exception):  # noqa: B017 -- which error is policy (L6.7)
         impl.load_features(merged)
     with pytest.raises(Exception):  # noqa: B017
@@ -1205,7 +1221,7 @@ def test_an_edited_file_is_named(impl, tmp_path):
     """A changed merged file or one without a checksum: a ValueError naming the file, and no advice to delete it."""
     model, ex, clean = _verified_collection(impl, tmp_path)
     merged = tmp_path / "a" / "features.safetensors"
-    _edit_header(merged, lambda m: _swap_ids(m, clean[1]))
+    _swap_ids(merged, clean[1])
     with pytest.raises(ValueError, match="features.safetensors") as e:
         impl.load_features(merged)
     assert "delete" not in str(e.value)
@@ -1779,12 +1795,28 @@ def test_read_jsonl_ids_and_bad_lines(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"d.jsonl:4: id 'rec-' is also the id of line 3"):
         read_jsonl(tmp_path / "d.jsonl")
     monkeypatch.undo()
+    # a given id equal to the suffixed default id of a repeated record: named with both lines, whichever comes first
+    rec = '{"prompt": "same"}\n'
+    suffixed = [r["id"] for r in read_jsonl(_write(tmp_path / "rep.jsonl", rec * 2))][1]
+    assert suffixed.endswith("-2")
+    for text, line, other in ((json.dumps({"id": suffixed, "prompt": "x"}) + "\n" + rec * 2, 3, 1), (rec * 2 + json.dumps({"id": suffixed}) + "\n", 3, 2)):
+        with pytest.raises(ValueError, match=rf"s.jsonl:{line}: id '{suffixed}' is also the id of line {other}"):
+            read_jsonl(_write(tmp_path / "s.jsonl", text))
     for name, text, where in (("bad.jsonl", '{"id": 1}\n[1, 2]\n', "bad.jsonl:2"), ("enc.jsonl", b'{"a": 1}\n{"b": "\xff"}\n', "enc.jsonl:2.*UTF-8"),
+                              ("list.jsonl", '{"id": "a"}\n{"id": ["x"]}\n', "list.jsonl:2: id .* string or a whole number.*list"),
+                              ("long.jsonl", json.dumps({"id": "x" * 5000}) + "\n", "long.jsonl:1: id .* at most 1024 characters"),
+                              ("bool.jsonl", '{"id": true}\n', "bool.jsonl:1: id"),
+                              ("surrogate.jsonl", '{"prompt": "a \\ud800 b"}\n', "surrogate.jsonl:1: .*not Unicode"),
                               ("empty.jsonl", "\n", "empty.jsonl: no records"), ("none.jsonl", None, "none.jsonl: no such file")):
         if text is not None:
             (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(ValueError, match=where):
             read_jsonl(tmp_path / name)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
 
 
 def _tiny_model_dir(path):
@@ -1834,7 +1866,7 @@ def test_command_line_collect_match_select(tmp_path):
     for argv, says in ((sel + ["--scores", str(tmp_path / "scores.jsonl"), str(tmp_path / "scores.jsonl"), "--k", "2"], "scored twice"),
                        (sel + ["--scores", str(tmp_path / "scores.jsonl"), "--fraction", "0.05"], "selects 0 of 14"),
                        (["match", "--train", str(tmp_path / "nothing.safetensors"), "--val", str(tmp_path / "v" / "features.safetensors"),
-                         "--out", str(tmp_path / "s.jsonl")], "no such feature file")):
+                         "--out", str(tmp_path / "s.jsonl")], "nothing.safetensors: no such file")):
         proc = subprocess.run([sys.executable, "cli/less.py", *argv], capture_output=True, text=True)
         assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     (tmp_path / "bad_scores.jsonl").write_text('{"id": "add0", "score": "high"}\n')
@@ -1866,11 +1898,13 @@ def test_command_line_checks_everything_before_the_model_loads(tmp_path, monkeyp
     (tmp_path / "m" / "model.Q4.gguf").write_bytes(b"GGUF")
     (tmp_path / "d.jsonl").write_text('{"prompt": "what is 1 ?", "response": "2"}\n')
     (tmp_path / "not_an_optimizer.pt").write_bytes(b"not a zip")
+    for name in ("t.safetensors", "v.safetensors", "s.jsonl"):  # inputs that exist: --out is what is wrong
+        (tmp_path / name).write_bytes(b"")
     monkeypatch.setattr(less_cli, "load_model", lambda *a, **k: pytest.fail("the model loaded before the checks"))
     base = ["collect", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")]
     cases = [(base, "needs --optimizer-state", 2),
              (base + ["--optimizer-state", str(tmp_path / "not_an_optimizer.pt")], "not_an_optimizer.pt", 1),
-             (base + ["--optimizer-state", str(tmp_path / "nowhere.pt")], "nowhere.pt: no such file", 1),
+             (base + ["--optimizer-state", str(tmp_path / "nowhere.pt")], "nowhere.pt: no such file", 2),
              (base + ["--grad-type", "sgd", "--lora-r", "4", "--lora-adapter", str(tmp_path)], "not both", 2),
              (base + ["--lora-r", "4"], "no Adam moments", 2),
              (base + ["--grad-type", "sgd", "--lora-adapter", str(tmp_path)], "adapter_config.json", 1),
@@ -1895,6 +1929,36 @@ def test_command_line_checks_everything_before_the_model_loads(tmp_path, monkeyp
     proc = _cli("match", "--train", tmp_path / "m" / "config.json", "--val", tmp_path / "m" / "config.json",
                 "--out", tmp_path / "s.jsonl")
     assert proc.returncode == 1 and "config.json" in proc.stderr and "delete" not in proc.stderr, proc.stderr
+
+
+def test_command_line_never_writes_over_its_inputs_and_checks_paths_first(tmp_path):
+    """An --out that is one of the command's inputs (itself, a link to it, the same path written another way) or
+    that collides with another output is refused before any work, and the input is intact; a missing input file or
+    model directory exits 2 (the command line names a path that is not there) in one line, before torch is imported
+    (no torch in the child's modules); argparse's own errors are one line too."""
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "prompt": "p", "response": "r"}\n{"id": "b", "prompt": "q", "response": "s"}\n')
+    (tmp_path / "s.jsonl").write_text('{"id": "a", "score": 1.0}\n{"id": "b", "score": 0.5}\n')
+    os.symlink(tmp_path / "d.jsonl", tmp_path / "link.jsonl")
+    before = {p: (tmp_path / p).read_bytes() for p in ("d.jsonl", "s.jsonl")}
+    sel = ["select", "--scores", tmp_path / "s.jsonl", "--data", tmp_path / "d.jsonl", "--k", "1", "--out"]
+    for out in (tmp_path / "d.jsonl", tmp_path / "link.jsonl", f"{tmp_path}/./s.jsonl"):
+        proc = _cli(*sel, out)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "never writes over" in proc.stderr, proc.stderr
+    proc = _cli("match", "--train", tmp_path / "s.jsonl", "--val", tmp_path / "d.jsonl", "--out", tmp_path / "d.jsonl")
+    assert proc.returncode == 2 and "never writes over" in proc.stderr, proc.stderr
+    assert before == {p: (tmp_path / p).read_bytes() for p in before}, "an input was changed"
+    probe = ("import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '.')\n"
+             "try:\n    runpy.run_path('cli/less.py', run_name='__main__')\n"
+             "finally:\n    print('torch' in sys.modules)")
+    import subprocess
+    import sys
+    for argv in (["select", "--scores", tmp_path / "nowhere.jsonl", "--data", tmp_path / "d.jsonl", "--k", "1", "--out", tmp_path / "x"],
+                 ["collect", "--model", tmp_path, "--data", tmp_path / "nowhere.jsonl", "--out", tmp_path / "o", "--grad-type", "sgd"],
+                 ["collect", "--model", tmp_path / "nowhere", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o"],
+                 ["collect", "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--proj-dim", "x"]):
+        proc = subprocess.run([sys.executable, "-c", probe, "cli/less.py", *map(str, argv)], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+        assert proc.stdout.strip() == "False", f"torch was imported before the check: {argv}"
 
 
 def test_command_line_collect_shows_progress_in_a_log_file(tmp_path):
@@ -2023,5 +2087,4 @@ def _read_feature_file(out_dir):
     """(features, ids) of a finished collect directory, read with safetensors alone (not through the code under test)."""
     from safetensors import safe_open
     with safe_open(str(out_dir / "features.safetensors"), "pt") as f:
-        meta = f.metadata()
-        return f.get_tensor("features"), json.loads(meta["ids"])
+        return f.get_tensor("features"), json.loads(bytes(f.get_tensor("ids").tolist()))  # ids: their JSON as uint8

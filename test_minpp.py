@@ -776,7 +776,9 @@ def _stats_case(impl, case):
     if case.startswith("band_loss"):
         w = {"band_loss: negative w": torch.tensor([1.0, -0.5, 1.0, 1.0]), "band_loss: all-zero w": torch.zeros(4),
              "band_loss: NaN w": torch.tensor([1.0, float("nan"), 1.0, 1.0]), "band_loss: w of length K + 1": torch.ones(5),
-             "band_loss: a list for the statistics": torch.ones(4)}[case]
+             "band_loss: a list for the statistics": torch.ones(4), "band_loss: row weights of another length": torch.ones(4)}[case]
+        if "row weights" in case:
+            stats = stats._replace(weight=stats.weight[:-1])
         return lambda: impl.band_loss(list(stats) if "list" in case else stats, w)
     kw = {"steps = -5": {"steps": -5}, "steps = 0": {"steps": 0}, "lam = NaN": {"lam": float("nan")},
           "lr = 0": {"lr": 0.0}}[case]
@@ -785,7 +787,7 @@ def _stats_case(impl, case):
 
 STATS_CASES = ["statistics of another grid of the same K", "statistics of another temperature", "a target with the statistics",
                "band_loss: negative w", "band_loss: all-zero w", "band_loss: NaN w", "band_loss: w of length K + 1",
-               "band_loss: a list for the statistics", "steps = -5", "steps = 0", "lam = NaN", "lr = 0"]
+               "band_loss: a list for the statistics", "band_loss: row weights of another length", "steps = -5", "steps = 0", "lam = NaN", "lr = 0"]
 
 
 @spec("M2.5")
@@ -1123,6 +1125,29 @@ def test_max_new_tokens_zero_and_stop_strings(impl, tiny_lm):
 
 
 @spec("M4.1")
+@pytest.mark.parametrize("stop", ["é", "答案"])
+def test_stop_strings_that_span_byte_tokens(impl, tiny_lm, stop):
+    """With a byte-level decode (each token one byte, as byte-level BPE does for rare characters), a stop string of
+    several UTF-8 bytes spans several tokens: the row ends with the token that completes it, never later."""
+    code = stop.encode()
+    for seed in range(50):  # a greedy row holding len(code) distinct tokens in a row: they become the stop's bytes
+        prompt = torch.randint(0, 40, (1, 5), generator=torch.Generator().manual_seed(seed))
+        full = impl.generate(tiny_lm, prompt, 16, do_sample=False)[0]
+        at = next((i for i in range(len(full) - len(code)) if len(set(full[i:i + len(code)])) == len(code)), None)
+        if at is not None:
+            break
+    assert at is not None, "no greedy row with enough distinct tokens"
+    byte = {t: b for t, b in zip(full[at:at + len(code)], code)}
+
+    def decode(ids):
+        return bytes(byte.get(i, 97 + i % 26) for i in ids).decode("utf-8", errors="replace")
+
+    first = next(i for i in range(1, len(full) + 1) if decode(full[:i]).endswith(stop))
+    out = impl.generate(tiny_lm, prompt, 16, do_sample=False, stop_strings=[stop], decode=decode)[0]
+    assert out == full[:first], f"stopped after {len(out)} tokens, the stop string {stop!r} ends at {first}"
+
+
+@spec("M4.1")
 def test_sampled_generation_draws_from_the_filtered_distribution(impl, tiny_lm):
     """Sampling over 10 steps, left-padded prompts of different lengths, temperature 0.6 then min-p 0.3: every
     token drawn lies in the filtered distribution of its own prefix (recomputed here without a cache, in
@@ -1200,7 +1225,8 @@ def test_processor_is_temperature_then_minpp(impl, T):
 
 @spec("M4.3")
 def test_stop_strings_are_checked_on_a_window(impl, tiny_lm):
-    """Checking the stop strings decodes the last len(longest stop string) tokens, not the whole row every step."""
+    """Checking the stop strings decodes the last 1 + (the longest stop string's UTF-8 bytes) tokens, not the whole row
+    every step."""
     prompt = torch.randint(0, 40, (1, 5), generator=torch.Generator().manual_seed(0))
     full = impl.generate(tiny_lm, prompt, 10, do_sample=False)[0]
     calls = []
@@ -1211,7 +1237,7 @@ def test_stop_strings_are_checked_on_a_window(impl, tiny_lm):
 
     stop = _letters(full[3:5])
     impl.generate(tiny_lm, prompt, 10, do_sample=False, stop_strings=[stop], decode=decode)
-    assert calls and max(calls) <= len(stop), f"decoded {max(calls)} tokens to check a {len(stop)}-letter stop string"
+    assert calls and max(calls) <= len(stop.encode()) + 1, f"decoded {max(calls)} tokens for a {len(stop)}-byte stop string"
 
 
 @spec("M4.3")
@@ -1479,6 +1505,14 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
                        (ev[:-1] + [str(tmp_path / "empty.jsonl")], "no records"), (ev + ["--samplers", "minpp"], "needs --head"),
                        (["train", "--model", m, "--data", str(tmp_path / "long.jsonl"), "--max-length", "2", "--out",
                          str(tmp_path / "h2.safetensors")], "--max-length 2"),
-                       (["eval", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "d.jsonl")], "not a directory")):
+                       (["eval", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "d.jsonl")], "not a directory"),
+                       (["train", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "head.jsonl")],
+                        "overwrite the head"),
+                       (["train", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "d.safetensors")],
+                        "never writes over"),
+                       (ev + ["--out", str(tmp_path / "d.jsonl")], "never writes over"),
+                       (ev[:-1] + [str(tmp_path / "nowhere.jsonl")], "nowhere.jsonl: no such file")):
         proc = subprocess.run([sys.executable, "cli/minpp.py", *argv], capture_output=True, text=True)
         assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    assert (tmp_path / "d.jsonl").read_text().count("\n") == 5, "the data was written over"

@@ -1,7 +1,9 @@
 """What both command-line tools share: JSONL records with errors that name the file and line, argument types that
-say what is wrong, pre-flight checks of files, progress that shows in a log file, one model loader, and the error
-convention: a user's mistake is one line on stderr, exit status 2 for the command line itself (an option's value,
-a missing or conflicting option), 1 for a file, a record or a model; --debug shows the traceback."""
+say what is wrong, pre-flight checks of files (before torch is imported), progress that shows in a log file, one model
+loader, and the error convention: a user's mistake is one line on stderr, exit status 2 when the command line cannot
+be carried out as written (an option's value, a missing or conflicting option, a path an option names that does not
+exist or is of the wrong kind -- a model directory too -- or an output that would overwrite an input or another
+output), 1 when what is inside a file, a record or a model is wrong or the work fails; --debug shows the traceback."""
 import argparse
 import hashlib
 import json
@@ -11,6 +13,7 @@ import sys
 import time
 
 ID_HEX = 32  # default ids: 'rec-' + 128 bits of the record's sha256; two records share one with p ~ n^2 / 2^129
+ID_MAX_CHARS = 1024  # a given id is a label, not content: longer ones are refused at read time
 
 
 class UsageError(ValueError):
@@ -22,8 +25,9 @@ def read_jsonl(path, need=()):
     of the sha256 of the record's JSON (sorted keys), so a default id follows its record when the file is reordered or
     lines are inserted. Two lines with one id are an error naming both, unless they are the same record (no id
     given, identical content): its repeats get '-2', '-3', ..., which may swap between identical records only. A
-    missing or empty file, a line that is not UTF-8 or not a JSON object, or a record without one of `need` is a
-    ValueError naming file and line."""
+    given id is a string or a whole number of at most ID_MAX_CHARS characters. A missing or empty file, a line that
+    is not UTF-8 or not a JSON object, text that is not Unicode (a lone surrogate escape), a bad id, or a record
+    without one of `need` is a ValueError naming file and line."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     out, seen, repeats = [], {}, {}
@@ -42,17 +46,25 @@ def read_jsonl(path, need=()):
             missing = [k for k in need if k not in rec]
             if missing:
                 raise ValueError(f"{path}:{n}: the record has no {missing[0]!r} (needs {', '.join(need)})")
+            try:
+                json.dumps(rec, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{path}:{n}: the record holds text that is not Unicode ({e.object[e.start:e.end]!r}, "
+                                 "a lone surrogate escape such as \\ud800)") from None
             content = json.dumps(rec, sort_keys=True)
             sid = rec.get("id")
             if sid is None:
                 sid = "rec-" + hashlib.sha256(content.encode()).hexdigest()[:ID_HEX]
-            if sid in seen:
-                line, other = seen[sid]
-                if "id" in rec or other != content:
-                    raise ValueError(f"{path}:{n}: id {sid!r} is also the id of line {line}, another record: "
-                                     "every record needs its own id")
+            elif isinstance(sid, bool) or not isinstance(sid, (str, int)) or len(str(sid)) > ID_MAX_CHARS or sid == "":
+                raise ValueError(f"{path}:{n}: id {str(sid)[:60]!r}{'...' if len(str(sid)) > 60 else ''} must be a "
+                                 f"non-empty string or a whole number of at most {ID_MAX_CHARS} characters, got "
+                                 f"{type(sid).__name__} of {len(str(sid))}")
+            if sid in seen and "id" not in rec and seen[sid][1] == content:  # an identical record repeated
                 repeats[sid] = repeats.get(sid, 1) + 1
                 sid = f"{sid}-{repeats[sid]}"
+            if sid in seen:
+                raise ValueError(f"{path}:{n}: id {sid!r} is also the id of line {seen[sid][0]}, another record: "
+                                 "every record needs its own id")
             seen[sid] = (n, content)
             rec["id"] = sid
             out.append(rec)
@@ -113,9 +125,17 @@ def model_dir(s):
     return s
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage block is for --help)."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (--help shows the usage)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser(prog, description):
     """An ArgumentParser whose --help shows every default and the error convention."""
-    return argparse.ArgumentParser(prog=prog, description=description,
+    return _Parser(prog=prog, description=description,
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                    epilog="A mistake is one line on stderr: exit status 2 for the command line itself, "
                                           "1 for a file, a record or a model. --debug shows the traceback.")
@@ -131,6 +151,7 @@ def run(main, argv=None):
     """main(argv); a UsageError ends the program with one line on stderr and exit status 2, a ValueError, TypeError or
     OSError (a file, a record, a model) with exit status 1, unless --debug asks for the traceback."""
     args = sys.argv[1:] if argv is None else argv
+    quiet_libraries()
     try:
         return main(argv)
     except (ValueError, TypeError, OSError) as e:
@@ -140,7 +161,40 @@ def run(main, argv=None):
         sys.exit(2 if isinstance(e, UsageError) else 1)
 
 
-# --- pre-flight checks: every file an option names, before any model loads
+def quiet_libraries():
+    """In a log file (stderr not a terminal): no third-party progress bars (their \\r redraws fill a log) and none of
+    the libraries' known deprecation warnings; our own progress lines stay. Before transformers is imported."""
+    if sys.stderr.isatty():
+        return
+    import warnings
+    for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        os.environ.setdefault(k, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", r".*is_gradient_checkpointing.* is deprecated", FutureWarning)  # peft
+    warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)  # torch.func on CPU SDPA
+
+
+# --- pre-flight checks: every file an option names, before torch is imported and any model loads
+def existing(option, paths, kind="file"):
+    """Each path an option names exists and is a file (kind 'file') or a directory ('directory'): else exit 2."""
+    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths or []:
+        if not (os.path.isfile if kind == "file" else os.path.isdir)(p):
+            raise UsageError(f"{option} {p}: no such {kind}")
+
+
+def distinct(inputs, outputs):
+    """No output may be one of the inputs or another output (real paths: links and ./ forms too), so nothing a
+    command reads or writes is lost: {label: path or paths}; checked before any work."""
+    seen = {}
+    for label, paths in list(inputs.items()) + list(outputs.items()):
+        for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths or []:
+            real = os.path.realpath(p)
+            if real in seen and (label in outputs or seen[real][0] in outputs):
+                raise UsageError(f"{label} {p} is also {seen[real][0]} {seen[real][1]}: a command never writes over "
+                                 "what it reads or what it writes")
+            seen.setdefault(real, (label, p))
+
+
 def writable_file(path, option):
     """--out FILE: its directory exists and can be written, and the path is not a directory."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -177,32 +231,60 @@ PROGRESS_EVERY_S = float(os.environ.get("PROGRESS_SECONDS", 30))
 
 
 class Progress:
-    """A tqdm bar on a terminal; elsewhere (nohup, a scheduler's log) a line on stderr after the first item, then every
-    PROGRESS_SECONDS (default 30) and at the end: 'desc: done/total unit (pct), rate, ETA'."""
+    """A tqdm bar on a terminal; elsewhere (nohup, a scheduler's log) a line on stderr at the first item, then every
+    PROGRESS_SECONDS of wall time (a timer: a slow item or a model load shows too; 0: at every item) and at the end:
+    'desc: done/total unit (pct), rate, ETA', the rate over the last ~5 minutes. total=None: a phase without a count
+    ('desc: 1m30s so far'). Use it as a context manager or call close()."""
 
     def __init__(self, total, desc, unit="records", initial=0):
+        import threading
         self.total, self.desc, self.unit, self.done = total, desc, unit, initial
-        self.t0, self.start, self.last = time.time(), initial, None
-        self.bar = None
+        self.marks, self.bar, self.first = [(time.time(), initial)], None, True
+        self.lock, self.stop = threading.Lock(), threading.Event()
         if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit[:-1] if unit.endswith("s") else unit)
+            if total is not None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit[:-1] if unit.endswith("s") else unit)
+        elif PROGRESS_EVERY_S > 0:
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self):
+        while not self.stop.wait(PROGRESS_EVERY_S):
+            self._line()
+
+    def _line(self):
+        with self.lock:
+            now, t0 = time.time(), self.marks[0][0]
+            if self.total is None:
+                text = f"{self.desc}: {_duration(now - t0)} so far"
+            else:
+                then, done_then = self.marks[0]
+                rate = (self.done - done_then) / max(now - then, 1e-9)
+                eta = (self.total - self.done) / rate if rate > 0 else math.inf
+                pct = 100 * self.done / max(self.total, 1)
+                text = (f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.2f} {self.unit}/s, "
+                        f"ETA {_duration(eta)}")
+                self.marks = (self.marks + [(now, self.done)])[-10:]  # a moving window: the last ~10 lines
+            print(text, file=sys.stderr, flush=True)
 
     def update(self, n=1):
         self.done += n
         if self.bar is not None:
             return self.bar.update(n)
-        now = time.time()
-        if self.last is None or now - self.last >= PROGRESS_EVERY_S or self.done >= self.total:
-            self.last = now
-            rate = (self.done - self.start) / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else math.inf
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "
-                  f"{rate:.2f} {self.unit}/s, ETA {_duration(eta)}", file=sys.stderr, flush=True)
+        if self.first or PROGRESS_EVERY_S <= 0 or self.done >= self.total:
+            self.first = False
+            self._line()
 
     def close(self):
+        self.stop.set()
         if self.bar is not None:
             self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _duration(s):

@@ -8,19 +8,17 @@ import os
 import re
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: less_ref
-from cli.common import (Progress, UsageError, check_gguf, file_sha256, fraction, load_model,  # noqa: E402
-                        load_tokenizer, model_dir, parser, plain_model_dir, positive, read_jsonl, run, subparser, whole,
-                        writable_dir, writable_file, write_text)
-from less_ref import (Projection, check_examples, checkpoint_weights_from_trainer_state, collect_features,  # noqa: E402
-                      encode_example, match, select_top, trainer_param_order)
+from cli.common import (Progress, UsageError, check_gguf, distinct, existing, file_sha256, fraction,  # noqa: E402
+                        load_model, load_tokenizer, model_dir, parser, plain_model_dir, positive, read_jsonl, run,
+                        subparser, whole, writable_dir, writable_file, write_text)
+# torch and less_ref are imported where they are used: a mistake on the command line is found before their import
 
 
 def _task_examples(task, n, g, start_id):
     """'copy': a b c SEP_A -> a b c over tokens 4..35; 'reverse': d e f SEP_B -> f e d over tokens 32..63.
     The two tasks share 4 of their 32 tokens each."""
+    import torch
     out = []
     lo = 4 if task == "copy" else 32
     for j in range(n):
@@ -33,6 +31,7 @@ def _task_examples(task, n, g, start_id):
 
 def write_trainer_checkpoint(model, optimizer, lrs_per_epoch, ckpt_dir):
     """What a transformers Trainer leaves behind, as far as LESS reads it: optimizer.pt + trainer_state.json."""
+    import torch
     os.makedirs(ckpt_dir, exist_ok=True)
     torch.save(optimizer.state_dict(), os.path.join(ckpt_dir, "optimizer.pt"))
     log = [{"epoch": e + (s + 1) / len(lrs), "learning_rate": lr}
@@ -43,6 +42,8 @@ def write_trainer_checkpoint(model, optimizer, lrs_per_epoch, ckpt_dir):
 
 def trainer_optimizer(model, lr, weight_decay=0.0):
     """AdamW with a Trainer's two groups (decay params, then no-decay params)."""
+    import torch
+    from less_ref import trainer_param_order
     order, sizes = trainer_param_order(model)
     named = dict(model.named_parameters())
     return torch.optim.AdamW([{"params": [named[n] for n in order[:sizes[0]]], "weight_decay": weight_decay},
@@ -58,7 +59,10 @@ def demo(workdir=None, proj_dim=2048, seed=0):
             return demo(tmp, proj_dim, seed)
     import warnings
 
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from less_ref import Projection, checkpoint_weights_from_trainer_state, collect_features, match, select_top
 
     warnings.filterwarnings("ignore", "There is a performance drop")  # torch.func on CPU SDPA: correct, slower
     torch.manual_seed(seed)
@@ -121,6 +125,7 @@ def train_lora(base, examples, out, epochs=4, lr=2e-5, batch_size=1, grad_accum=
     optimizer.pt, trainer_state.json}; resume continues from the last complete one. A checkpoint whose writing
     fails (a full disk) is removed and the error names it. Trains in float32 on the CPU, as the model's dtype on
     CUDA. Progress: a line per ~30 s with steps, rate and ETA, in a log file too. Returns the model."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -204,12 +209,17 @@ def warmup(a):
     check_gguf(a.model, a.gguf_file)
     if not 0 <= a.lora_dropout < 1:
         raise UsageError(f"--lora-dropout {a.lora_dropout} must be in [0, 1)")
+    existing("--data", a.data)
+    distinct({"--data": a.data}, {f"--out's {f}": os.path.join(a.out, f) for f in ("warmup.json", "warmup.jsonl")})
     writable_dir(a.out, "--out")
     records = read_jsonl(a.data)
     n = round(a.fraction * len(records))
     if not 1 <= n <= len(records):
         raise UsageError(f"--fraction {a.fraction} of {len(records)} records is {n}: choose one that keeps 1 or more")
     run = _warmup_run(a, a.out)
+    import torch
+
+    from less_ref import check_examples, encode_example
     tok = load_tokenizer(a.model, a.gguf_file)
     examples = [encode_example(r, tok, a.max_length) for r in records]
     check_examples(examples, len(tok))
@@ -227,7 +237,13 @@ def warmup(a):
 
 
 def _check_collect(a):
-    """Every option and file of collect, before the tokenizer and the model load."""
+    """Every option and file of collect, before the tokenizer and the model load (and torch before the optimizer
+    file's check)."""
+    existing("--data", a.data)
+    existing("--optimizer-state", a.optimizer_state)
+    existing("--lora-adapter", a.lora_adapter, "directory")
+    distinct({"--data": a.data, "--optimizer-state": a.optimizer_state},
+             {f"--out's {f}": os.path.join(a.out, f) for f in ("features.safetensors", "identity.json")})
     check_gguf(a.model, a.gguf_file)
     if a.lora_r and a.grad_type == "adam":
         raise UsageError("--lora-r builds a fresh, untrained LoRA, which has no Adam moments: adam features need the "
@@ -239,8 +255,7 @@ def _check_collect(a):
     if a.grad_type != "adam" and a.optimizer_state:
         raise UsageError(f"--optimizer-state is used by --grad-type adam only, not {a.grad_type}")
     if a.optimizer_state:
-        if not os.path.isfile(a.optimizer_state):
-            raise ValueError(f"--optimizer-state {a.optimizer_state}: no such file")
+        import torch
         try:  # mapped, not read: a check of the format, cheap for a large file
             sd = torch.load(a.optimizer_state, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
@@ -338,13 +353,23 @@ def main(argv=None):
     if a.cmd == "match":
         if a.weights and a.trainer_state:
             raise UsageError("give --weights or --trainer-state, not both")
+        for option in ("--train", "--val", "--trainer-state"):
+            existing(option, getattr(a, option[2:].replace("-", "_")))
+        distinct({"--train": a.train, "--val": a.val, "--trainer-state": a.trainer_state}, {"--out": a.out})
         writable_file(a.out, "--out")
+        from less_ref import checkpoint_weights_from_trainer_state, match
         weights = a.weights or (checkpoint_weights_from_trainer_state(a.trainer_state) if a.trainer_state else None)
         scores, ids = match(a.train, a.val, weights, a.n_subtasks)
         write_text(a.out, "".join(json.dumps({"id": i, "score": sc}) + "\n" for i, sc in zip(ids, scores.tolist())))
         print(f"{len(ids)} scores -> {a.out}")
         return
+    existing("--scores", a.scores)
+    existing("--data", a.data)
+    distinct({"--scores": a.scores, "--data": a.data}, {"--out": a.out})
     writable_file(a.out, "--out")
+    import torch
+
+    from less_ref import select_top
     ids, scores = _scores(a.scores)
     records = {}
     for path in a.data:
@@ -369,6 +394,9 @@ def main(argv=None):
 def collect(a):
     """Options and files checked, data read and checked, then the model loaded and the features collected."""
     _check_collect(a)
+    import torch
+
+    from less_ref import Projection, check_examples, collect_features, encode_example
     if "RANK" in os.environ:  # torchrun
         import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -377,7 +405,8 @@ def collect(a):
     tok = load_tokenizer(a.model, a.gguf_file)  # data are read and checked before the model loads
     examples = [encode_example(r, tok, a.max_length) for r in read_jsonl(a.data)]
     check_examples(examples, len(tok))
-    model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
+    with Progress(None, f"loading the model {a.model}"):
+        model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     path = collect_features(model, examples, a.out, a.grad_type, a.optimizer_state,
                             Projection(a.proj_dim, a.seed, a.kind), a.checkpoint, batch_size=a.batch_size,

@@ -11,15 +11,17 @@ import re
 import sys
 from fractions import Fraction
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: minpp_ref
-from cli.common import (Progress, UsageError, check_gguf, finite, load_model, load_tokenizer,  # noqa: E402
-                        model_dir, parser, positive, positives, read_jsonl, run, subparser, whole, writable_file,
-                        write_text)
-from minpp_ref import (MinPPlusHead, answer_logits, apply_min_p, apply_temperature, generate,  # noqa: E402
-                       minpp_logits, train_head, weight_entropy)
+from cli.common import (Progress, UsageError, check_gguf, distinct, existing, finite, load_model,  # noqa: E402
+                        load_tokenizer, model_dir, parser, positive, positives, read_jsonl, run, subparser, whole,
+                        writable_file, write_text)
+# torch and minpp_ref are imported where they are used: a mistake on the command line is found before their import
+
+
+def generate(*args, **kwargs):
+    """minpp_ref.generate, imported at the first call."""
+    from minpp_ref import generate
+    return generate(*args, **kwargs)
 
 
 def extract_answer(text):
@@ -40,7 +42,11 @@ def answers_match(pred_text, gold_text):
 
 
 def demo(p_base=0.1, seed=0):
+    import torch
+    import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minpp_ref import MinPPlusHead, answer_logits, apply_min_p, generate, train_head
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -84,6 +90,10 @@ def demo(p_base=0.1, seed=0):
 def head_diagnostics(head, logits, target, min_share=1e-3):
     """Base CE vs MinP+ CE, H(pi), the number of active thresholds (weight share >= min_share) and the mean
     fraction of the vocabulary they keep (c > 0): what sampling with the pruned head would keep."""
+    import torch
+    import torch.nn.functional as F
+
+    from minpp_ref import minpp_logits, weight_entropy
     with torch.no_grad():
         tau, w = head.active(min_share)
         return {"base_ce": F.cross_entropy(logits.float(), target).item(),
@@ -117,6 +127,9 @@ def _records(path, need_answer_number=False):
 
 def _answer_data(model, tok, rows, max_length):
     """Frozen logits at the answer tokens of every record (prompt as the model sees it, answer + eos): (n, V)."""
+    import torch
+
+    from minpp_ref import answer_logits
     zs, ts, bar = [], [], Progress(len(rows), "answer logits")
     for r in rows:
         p = tok(_prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
@@ -199,15 +212,27 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         return demo()
-    # every option and file before the model loads: the model's directory, --out, the head, the samplers, the data
+    # every option and file before torch is imported and the model loads: the model's directory, the inputs, --out
+    # (never over an input or another output), the head, the samplers, the data
     check_gguf(a.model, a.gguf_file)
-    if getattr(a, "out", None):
-        writable_file(a.out, "--out")
+    inputs = {k: getattr(a, k[2:], None) for k in ("--data", "--head")}
+    for option, path in inputs.items():
+        existing(option, path)
+    outputs = {"--out": a.out} if getattr(a, "out", None) else {}
+    if a.cmd == "train":
+        outputs["--out's .jsonl export"] = export_path(a.out)
+    distinct(inputs, outputs)
+    for path in outputs.values():
+        writable_file(path, "--out")
+    import torch
+
+    from minpp_ref import MinPPlusHead
     head = MinPPlusHead.load(a.head) if getattr(a, "head", None) else None
     specs = {s: _sampler(s, head) for s in (a.samplers.split(",") if a.cmd == "eval" else [getattr(a, "sampler", "")])
              if a.cmd != "train"}
     rows = _records(a.data, need_answer_number=a.cmd == "eval") if a.cmd != "generate" else None
-    model, tok = load_model(a.model, a.gguf_file).eval(), load_tokenizer(a.model, a.gguf_file, padding_side="left")
+    with Progress(None, f"loading the model {a.model}"):
+        model, tok = load_model(a.model, a.gguf_file).eval(), load_tokenizer(a.model, a.gguf_file, padding_side="left")
     if a.cmd == "train":
         return train(a, model, tok, rows)
     g_ = torch.Generator().manual_seed(a.seed)
@@ -221,7 +246,18 @@ def main(argv=None):
     return evaluate(a, model, tok, rows, specs, g_)
 
 
+def export_path(out):
+    """The head's .jsonl export beside --out: OUT's name with .jsonl for its extension; an --out that already ends in
+    .jsonl is refused (the export would overwrite the head)."""
+    path = os.path.splitext(out)[0] + ".jsonl"
+    if os.path.realpath(path) == os.path.realpath(out):
+        raise UsageError(f"--out {out}: the head's .jsonl export would take that very name and overwrite the head; "
+                         "name the head .safetensors")
+    return path
+
+
 def train(a, model, tok, rows):
+    from minpp_ref import MinPPlusHead, apply_temperature, train_head
     z, target = _answer_data(model, tok, rows, a.max_length)
     head = MinPPlusHead(K=a.K, grid=a.grid, tau_min=a.tau_min)
     train_head(head, z, target, steps=a.steps, lr=a.lr, reg=a.reg, lam=a.lam, temperature=a.temperature,
@@ -232,7 +268,7 @@ def train(a, model, tok, rows):
           + (" (tau = 0 has weight: every token keeps some probability, the low ones scaled down)"
              if d["kept_fraction"] == 1 else ""))
     head.save(a.out)
-    head.export_jsonl(os.path.splitext(a.out)[0] + ".jsonl")
+    head.export_jsonl(export_path(a.out))
     print(f"head -> {a.out}")
     return head
 
