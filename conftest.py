@@ -11,7 +11,10 @@
   them count. A module that provides none of its file's API ends the run with exit status 1 and one line saying so.
 - `call(fn, *args, **kw)`: one way to pass an optional argument; a function that does not take it skips the test
   naming it (a None value is dropped instead). `needs_feature(impl, NAME)`: skip where a module declares NAME = False.
-- Hypothesis profiles: "ci" (default, fast) and "thorough" (--hypothesis-profile thorough, or HYPOTHESIS_PROFILE).
+- Hypothesis profiles: "ci" (default, fast), "thorough" (--hypothesis-profile thorough, or HYPOTHESIS_PROFILE) and
+  "verdict" (--verdict: fewer examples, no shrinking).
+- --verdict: a verdict that fits one screen -- no tracebacks, no hypothesis blobs, only the clause table, the tier
+  verdicts and one line per failed clause with the command that reproduces it (its full traceback).
 - TOL: one per-dtype tolerance table. `device`: cpu, plus cuda where present (skipped cleanly elsewhere).
 """
 import importlib
@@ -21,11 +24,14 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile("ci", max_examples=30, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("verdict", max_examples=10, deadline=None, print_blob=False,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -63,6 +69,10 @@ CLAUSES = _read_spec()
 
 
 def pytest_configure(config):
+    if config.getoption("--verdict"):  # the table and one line per failed clause: no tracebacks, no summary lines
+        config.option.tbstyle, config.option.reportchars = "no", ""
+        config.option.verbose = min(config.option.verbose, -1)
+        settings.load_profile("verdict")
     # torch.func has no batching rule for CPU SDPA yet; the fallback is correct, only slower
     config.addinivalue_line("filterwarnings", "ignore:There is a performance drop:UserWarning")
     config.addinivalue_line("markers", "spec(clause): the SPEC.md clause a test checks (its tier is the clause's)")
@@ -77,6 +87,9 @@ def pytest_addoption(parser):
                          help=f"importable module to test in place of {ref} (or set {env})")
     parser.addoption("--policy", action="store_true",
                      help="a candidate's policy-tier failures fail the run too (by default only the core tier does)")
+    parser.addoption("--verdict", action="store_true",
+                     help="one screen: the clause table, the tier verdicts and one reproducing command per failed "
+                          "clause (no tracebacks; hypothesis: 10 examples, no shrinking)")
 
 
 _PROBES = {"execute_example", "setup_example", "teardown_example"}
@@ -178,6 +191,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 _COUNTS = {}  # {kind: {clause: {"passed"/"failed"/"skipped": n}}}
+_FAILED = {}  # {kind: {clause: [(test id, first line of the error)]}}
 _POLICY_FAILED = {}  # {kind: [test ids]}
 
 
@@ -191,6 +205,10 @@ def pytest_runtest_makereport(item, call):
         kind = item.module.IMPL_KIND
         counts = _COUNTS.setdefault(kind, {}).setdefault(cid, {"passed": 0, "failed": 0, "skipped": 0})
         counts[rep.outcome] += 1
+        if rep.failed:
+            crash = getattr(getattr(rep, "longrepr", None), "reprcrash", None)
+            msg = (getattr(crash, "message", "") or str(rep.longrepr or "")).strip().splitlines()
+            _FAILED.setdefault(kind, {}).setdefault(cid, []).append((item.nodeid, msg[0][:100] if msg else ""))
         if CLAUSES[cid]["tier"] == "policy" and rep.failed:
             _POLICY_FAILED.setdefault(kind, []).append(item.nodeid)
             if kind in _candidates(item.config) and not item.config.getoption("--policy"):
@@ -221,11 +239,18 @@ def pytest_sessionfinish(session, exitstatus):
         name = module.__name__
         tr.write_line("")
         tr.write_line(f"{name} against SPEC.md part {part} (clause: passed / failed / skipped; not provided):")
+        width = max(len(CLAUSES[cid]["title"]) for cid in by_clause)
         for cid in sorted(by_clause, key=lambda c: [int(x) for x in c[1:].split(".")]):
             n, c = by_clause[cid], CLAUSES[cid]
             missing = [a for a in c["api"] if not a.isupper() and not hasattr(module, a)]
-            tr.write_line(f"  {cid:6s} {c['title'][:44]:44s} {c['tier']:6s} {n['passed']:4d} / {n['failed']:2d} / "
+            tr.write_line(f"  {cid:6s} {c['title']:{width}s} {c['tier']:6s} {n['passed']:4d} / {n['failed']:2d} / "
                           f"{n['skipped']:3d}" + (f"; not provided: {', '.join(missing)}" if missing else ""))
+        impl_opt = f" --{kind}-impl {name}" if kind in _candidates(session.config) else ""
+        for cid, failures in sorted(_FAILED.get(kind, {}).items()):  # one line per failed clause: its first failure
+            nodeid, msg = failures[0]
+            more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+            tr.write_line(f"  FAILED {cid} {CLAUSES[cid]['tier']}{more}: {msg}", red=CLAUSES[cid]["tier"] == "core")
+            tr.write_line(f"    python -m pytest '{nodeid}'{impl_opt}")
         counted = kind not in _candidates(session.config) or session.config.getoption("--policy")
         for tier in ("core", "policy"):
             t = {o: sum(v[o] for cid, v in by_clause.items() if CLAUSES[cid]["tier"] == tier)

@@ -112,9 +112,9 @@ def example_gradients(model, examples, vmap=True):
 # --- the random projection: R's entries from a per-entry rule, y = x @ R / scale
 PROJECTION = "rademacher-fmix32-v1"
 PROJECTION_KINDS = {"rademacher": PROJECTION, "sjlt": "sjlt-fmix32-v1"}
-SJLT_S = 4  # sjlt's nonzeros per input coordinate; see project_plain
+SJLT_S = 4  # sjlt's nonzeros per input coordinate (projection_matrix); s = 4 matches the dense kind (RESULTS.md)
 _M32 = 0xFFFFFFFF
-GRAD_BUFFER_BYTES = 2 ** 31  # float32 gradient rows projected together by collection (R made once per buffer): 2 GiB
+GRAD_BUFFER_BYTES = int(os.environ.get("LESS_GRAD_BUFFER_BYTES", 2 ** 31))  # gradients projected at once: 2 GiB
 
 
 def projection_matrix(nrows, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S):
@@ -226,9 +226,7 @@ def _vmap_gradients(model, examples, params):
     dev = params[0][1].device  # right padding: ids 0, labels -100
     ids = pad_sequence([_as_long(ex["input_ids"]) for ex in examples], batch_first=True).to(dev)  # (B, T)
     labels = pad_sequence([_as_long(ex["labels"]) for ex in examples], batch_first=True, padding_value=-100).to(dev)
-    def loss_fn(p, i, lab):
-        return functional_call(model, p, (), {"input_ids": i[None], "labels": lab[None]}).loss
-
+    loss_fn = lambda p, i, lab: functional_call(model, p, (), {"input_ids": i[None], "labels": lab[None]}).loss  # noqa
     g = vmap(grad(loss_fn), in_dims=(None, 0, 0))({n: p.detach() for n, p in params}, ids, labels)
     return torch.cat([g[n].reshape(len(examples), -1).float() for n, _ in params], 1)  # (B, D)
 
@@ -241,7 +239,7 @@ def _rademacher_rows(seed, row0, nrows, proj_dim, device="cpu"):
     words = _words(rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64), *_seeds(seed, 0))  # (n, W)
     byte = (words[..., None] >> torch.arange(0, 32, 8, device=device)) & 0xFF  # (nrows, W, 4)
     table = 1 - 2 * ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).float()
-    return table[byte].reshape(nrows, W * 32)[:, :proj_dim]
+    return table.index_select(0, byte.reshape(-1)).reshape(nrows, W * 32)[:, :proj_dim]  # (nrows, k)
 
 
 def _sjlt_rows(seed, row0, nrows, proj_dim, s, device="cpu"):
@@ -294,11 +292,10 @@ def projected_features(grads, grad_type, adam_state, projection, eps_outside=Fal
     return out
 
 
-def _features(model, examples, grad_type, adam, projection, batch_size, vmap=True, eps_outside=False, bar=None,
-              buffer_bytes=None):
-    """Projected features (N, proj_dim): gradients batch by batch into a buffer of <= buffer_bytes (>= one batch; twice
-    that while projected), projected at once: dense R is made once per buffer. A non-finite gradient names its id."""
-    rows, buf, buffer_bytes = [], [], buffer_bytes or GRAD_BUFFER_BYTES
+def _features(model, examples, grad_type, adam, projection, batch_size, vmap=True, eps_outside=False, bar=None):
+    """Projected features (N, proj_dim): gradients batch by batch into a buffer of <= GRAD_BUFFER_BYTES (>= a batch;
+    twice that while projected), projected at once: dense R is made once per buffer. A non-finite gradient: its id."""
+    rows, buf = [], []
     for b in range(0, len(examples), batch_size):
         batch = examples[b:b + batch_size]
         g = example_gradients(model, batch, vmap)  # (B, D)
@@ -307,7 +304,7 @@ def _features(model, examples, grad_type, adam, projection, batch_size, vmap=Tru
             raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
                              f"(bf16 overflow or a broken example); its score would be meaningless")
         buf.append(g)
-        if b + batch_size >= len(examples) or (sum(map(len, buf)) + batch_size) * g.shape[1] * 4 > buffer_bytes:
+        if b + batch_size >= len(examples) or (sum(map(len, buf)) + batch_size) * g.shape[1] * 4 > GRAD_BUFFER_BYTES:
             rows.append(projected_features(torch.cat(buf), grad_type, adam, projection, eps_outside))  # (n, k)
             buf = []
         if bar is not None:  # per gradient batch: the timer's lines and the moving rate cover the projections
@@ -630,7 +627,8 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     """Projected features of examples written as atomic chunk files of chunk_size rows, merged by rank 0 into
     out_dir/features.safetensors (the path returned); under torchrun rank r takes its DistributedSampler shard.
     A re-run resumes; another configuration is refused naming the field; errors name the sample id and stop every
-    rank. Memory: GRAD_BUFFER_BYTES (settable) of float32 gradients per projection. README "Scaling out": details."""
+    rank. Memory: GRAD_BUFFER_BYTES (settable; 2x while projecting) of float32 gradients per projection, which covers
+    whole chunks (a crash loses those not yet written). README "Scaling out": details."""
     rank, world = _world()
     examples = list(examples)
 
@@ -669,14 +667,16 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
             os.remove(path)
     todo = [c for c, path in enumerate(paths) if not os.path.exists(path)]
 
-    def compute():
+    def compute():  # whole chunks grouped so that one projection takes up to GRAD_BUFFER_BYTES of gradients
         bar = _Progress(len(positions), f"rank {rank}: {grad_type} features {checkpoint}".rstrip(),
                         initial=len(positions) - sum(len(chunks[c]) for c in todo))
-        for c in todo:
-            chunk = [examples[i] for i in chunks[c]]
-            feats = _features(model, chunk, grad_type, adam, projection, batch_size, vmap, bar=bar)
-            _write_atomic({"features": feats.cpu().contiguous(), "positions": torch.tensor(chunks[c])},
-                          {"ids": [ex["id"] for ex in chunk], "identity": identity}, paths[c])
+        per = max(1, GRAD_BUFFER_BYTES // (4 * identity["grad_dim"] * chunk_size))
+        for group in (todo[g:g + per] for g in range(0, len(todo), per)):
+            feats = _features(model, [examples[i] for c in group for i in chunks[c]], grad_type, adam, projection,
+                              batch_size, vmap, bar=bar)  # (rows of the group, k)
+            for c, x in zip(group, feats.split([len(chunks[c]) for c in group])):
+                _write_atomic({"features": x.cpu().contiguous(), "positions": torch.tensor(chunks[c])},
+                              {"ids": [examples[i]["id"] for i in chunks[c]], "identity": identity}, paths[c])
         bar.close()
 
     _sync(rank, world, compute)

@@ -244,10 +244,10 @@ class _MinPPCrossEntropy(torch.autograd.Function):
     the row max, d = z - m (log r), e = exp(d), S = sum_v e_v c_v, c_v = prefix[bucket_v], H_j = sum of e over
     bucket j:  row loss = log S - d_t - log c_t,  dL/dz_v = e_v c_v / S - [v = t],
     dL/dprefix_j = H_j / S - [t in bucket j] / c_t,  dL/dw_i = sum_{j > i} dL/dprefix_j.  Buckets, exactly:
-    - evenly spaced grids (uniform_grid): every token's bucket in O(1); H (K + 1 per row) kept for dL/dw, the
-      buckets recomputed in backward for dL/dz;
-    - other grids: tokens below the smallest positive threshold share c_low, so S = c_low sum_v e_v +
-      sum_{v above} e_v (c_v - c_low) and only those above are bucketized.
+    - tokens below the smallest positive threshold share c_low, so S = c_low sum_v e_v + sum_{v above} e_v (c_v -
+      c_low) and only those above are bucketized;
+    - but when more than 1/8 of a chunk's tokens lie above it and the grid is evenly spaced (uniform_grid), every
+      token's bucket in O(1) instead; H (K + 1 per row) kept for dL/dw, the buckets recomputed in backward.
     Per-token work in float32; the sums over rows (the loss, dL/dw) accumulate in float64."""
 
     @staticmethod

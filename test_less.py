@@ -1160,6 +1160,56 @@ def test_an_edited_features_file_is_refused(impl, tmp_path, edit):
         impl.match([str(merged)], [val])
 
 
+def _edited(value):
+    """Another value of the same kind: what an edit of one identity field would leave."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value + [0]
+    if isinstance(value, dict):
+        return dict(value, edited=1)
+    return "x"
+
+
+@spec("L6.6")
+def test_every_identity_field_edited_is_refused(impl, tmp_path):
+    """The identity (projection, checkpoint name, model and data hashes, ...) decides which files may be matched:
+    each of its fields edited in the merged file's metadata, one at a time, makes load_features and match refuse
+    the file -- an edited checkpoint name or model hash would pair features of two models."""
+    model, ex, clean = _verified_collection(impl, tmp_path)
+    val = _files(impl, tmp_path, model, "v", _examples(2, seed=3, prefix="val"))
+    merged = tmp_path / "a" / "features.safetensors"
+    original = merged.read_bytes()
+    identity = clean[2]
+    field = [{}]
+
+    def find(meta):
+        field[0] = {k: v for k, v in meta.items() if _json_or_none(v) == identity}
+        return meta
+    _edit_header(merged, find)
+    if not field[0] or not isinstance(identity, dict):
+        pytest.skip("the identity is not stored as one JSON field of the file's metadata: this edit does not apply")
+    key = next(iter(field[0]))
+    for name, value in identity.items():
+        merged.write_bytes(original)
+        _edit_header(merged, lambda m: dict(m, **{key: json.dumps(dict(identity, **{name: _edited(value)}))}))
+        with pytest.raises(Exception):  # noqa: B017 -- which error is policy (L6.7)
+            impl.load_features(merged)
+        with pytest.raises(Exception):  # noqa: B017
+            impl.match([str(merged)], [val])
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 @spec("L6.7")
 @pytest.mark.parametrize("case", BAD_EXAMPLES)
 def test_bad_examples_are_errors_naming_the_id(impl, tmp_path, case):
@@ -1238,9 +1288,11 @@ def _files(impl, tmp_path, model, name, ex, **kw):
     return str(tmp_path / name / "features.safetensors")
 
 
-def _checkpoints(impl, tmp_path, n=2, pool=None, val=None):
-    """n checkpoints of one warm-up (a step of training between them): their weights, moments, optimizer files and
-    the stored train (adam) and val (sgd) files, with the float64 features expected of each."""
+def _checkpoints(impl, tmp_path, n=2, pool=None, val=None, steps=None):
+    """n checkpoints of one warm-up (a step of training between them), named checkpoint-<step> (steps 1, 2, ... by
+    default): their weights, moments, optimizer files and the stored train (adam) and val (sgd) files, with the
+    float64 features expected of each."""
+    steps = steps or range(1, n + 1)
     model, opt, named = _trainer_setup()
     pool, val = pool or _examples(7), val or _examples(4, seed=3, prefix="val")
     out = []
@@ -1251,9 +1303,9 @@ def _checkpoints(impl, tmp_path, n=2, pool=None, val=None):
         torch.save(opt.state_dict(), tmp_path / f"opt{c}.pt")
         moments = _moments(opt, named)
         out.append({"weights": {n: p.detach().clone() for n, p in model.named_parameters()}, "moments": moments,
-                    "train": _files(impl, tmp_path, model, f"t{c}", pool, grad_type="adam", checkpoint=f"checkpoint-{c + 1}",
+                    "train": _files(impl, tmp_path, model, f"t{c}", pool, grad_type="adam", checkpoint=f"checkpoint-{steps[c]}",
                                     optimizer_state=str(tmp_path / f"opt{c}.pt")),
-                    "val": _files(impl, tmp_path, model, f"v{c}", val, checkpoint=f"checkpoint-{c + 1}"),
+                    "val": _files(impl, tmp_path, model, f"v{c}", val, checkpoint=f"checkpoint-{steps[c]}"),
                     "t64": expected_features(impl, model, pool, adam=moments), "v64": expected_features(impl, model, val)})
     return model, pool, val, out
 
@@ -1298,30 +1350,63 @@ def test_match_refuses_incompatible_files(impl, tmp_path, case):
         impl.match(train, val)
 
 
-@spec("L7.2")
-@pytest.mark.parametrize("case", ["out of epoch order", "the same checkpoint twice", "validation of adam features"])
-def test_match_refuses_checkpoints_out_of_order_twice_or_of_another_kind(impl, tmp_path, case):
-    """The project's refusals: checkpoint-2 before checkpoint-1 (each weight would go to another epoch), a checkpoint
-    given twice, a validation side that is not plain gradients."""
+MATCH_REFUSALS = {"out of epoch order": "epoch order", "the same checkpoint twice": "same checkpoint",
+                  "one checkpoint under two names": "same checkpoint", "validation of adam features": "sgd"}
+
+
+def _refused_match(impl, tmp_path, case):
+    """(train files, val files) match must refuse: checkpoint-2 before checkpoint-1 (each weight would go to another
+    epoch), one checkpoint twice -- the same files, or the same model and optimizer state collected under two names
+    (its weight counted twice) --, a validation side that is not plain gradients."""
     model, pool, val, ck = _checkpoints(impl, tmp_path)
     t, v = [c["train"] for c in ck], [c["val"] for c in ck]
     if case == "out of epoch order":
-        t, v = t[::-1], v[::-1]
-        says = "epoch order"
-    elif case == "the same checkpoint twice":
-        t, v = [t[0], t[0]], [v[0], v[0]]
-        says = "same checkpoint"
-    else:
-        opt_file = str(tmp_path / "opt0.pt")
-        model, opt, named = _trainer_setup()
-        v = [_files(impl, tmp_path, model, "v-adam", val, grad_type="adam", checkpoint="checkpoint-1", optimizer_state=opt_file)]
-        t = [_files(impl, tmp_path, model, "t-adam", pool, grad_type="adam", checkpoint="checkpoint-1", optimizer_state=opt_file)]
-        says = "sgd"
-    with pytest.raises(ValueError, match=says):
+        return t[::-1], v[::-1]
+    if case == "the same checkpoint twice":
+        return [t[0], t[0]], [v[0], v[0]]
+    opt_file = str(tmp_path / "opt0.pt")
+    model, opt, named = _trainer_setup()
+    if case == "one checkpoint under two names":
+        t = [_files(impl, tmp_path, model, f"t-as{c}", pool, grad_type="adam", checkpoint=f"checkpoint-{c}",
+                    optimizer_state=opt_file) for c in (1, 2)]
+        return t, [_files(impl, tmp_path, model, f"v-as{c}", val, checkpoint=f"checkpoint-{c}") for c in (1, 2)]
+    v = [_files(impl, tmp_path, model, "v-adam", val, grad_type="adam", checkpoint="checkpoint-1", optimizer_state=opt_file)]
+    t = [_files(impl, tmp_path, model, "t-adam", pool, grad_type="adam", checkpoint="checkpoint-1", optimizer_state=opt_file)]
+    return t, v
+
+
+@spec("L7.2")
+@pytest.mark.parametrize("case", list(MATCH_REFUSALS))
+def test_match_refuses_what_would_weight_another_epoch(impl, tmp_path, case):
+    """Files out of epoch order, one checkpoint twice (same files, or the same model and optimizer under two names),
+    a validation side that is not plain gradients: scores would be silently wrong, so any error, never scores."""
+    t, v = _refused_match(impl, tmp_path, case)
+    with pytest.raises(Exception):  # noqa: B017 -- the message is policy (L7.3)
         impl.match(t, v)
 
 
 @spec("L7.2")
+def test_checkpoint_steps_are_numbers(impl, tmp_path):
+    """checkpoint-9 then checkpoint-10 is epoch order -- steps are numbers, not strings: matched, with the float64
+    scores (weights 0.7 / 0.3); the reverse order is refused."""
+    _, pool, _, ck = _checkpoints(impl, tmp_path, steps=(9, 10))
+    t, v = [c["train"] for c in ck], [c["val"] for c in ck]
+    scores, ids = impl.match(t, v, [0.7, 0.3])
+    assert ids == [e["id"] for e in pool]
+    assert_close(scores, scores64([c["t64"] for c in ck], [c["v64"] for c in ck], [0.7, 0.3], 1))
+    with pytest.raises(Exception):  # noqa: B017 -- the message is policy (L7.3)
+        impl.match(t[::-1], v[::-1], [0.3, 0.7])
+
+
+@spec("L7.3")
+@pytest.mark.parametrize("case", list(MATCH_REFUSALS))
+def test_match_refusals_name_what_is_wrong(impl, tmp_path, case):
+    t, v = _refused_match(impl, tmp_path, case)
+    with pytest.raises(ValueError, match=MATCH_REFUSALS[case]):
+        impl.match(t, v)
+
+
+@spec("L7.3")
 def test_match_refusal_names_files_and_first_differing_id(impl, tmp_path):
     train, val = _incompatible(impl, tmp_path, "val ids differ between checkpoints")
     with pytest.raises(ValueError, match=r"v2.*v1.*val"):
@@ -1401,23 +1486,38 @@ def test_less_scores_errors_name_the_checkpoint(impl, case):
         impl.less_scores(model, [(weights, moments, 1.0)], _examples(3), _examples(2, seed=3), impl.Projection(16))
 
 
+TRAINER_LOG = [{"epoch": 0.5, "learning_rate": 2.0}, {"epoch": 1.0, "learning_rate": 1.0}, {"epoch": 1.0, "loss": 3.0},
+               {"epoch": 1.5, "learning_rate": 0.5}, {"epoch": 2.0, "learning_rate": 0.25}]
+BAD_TRAINER_STATES = {"bad.json": ({"global_step": 3}, "log_history"),
+                      "gap.json": ({"log_history": TRAINER_LOG[:2] + [{"epoch": 3.0, "learning_rate": 0.1}]}, "epoch 2"),
+                      "nan.json": ({"log_history": TRAINER_LOG[:3] + [{"epoch": 1.5, "learning_rate": float("nan")}]},
+                                   r"nan.json.*log_history\[3\]"),
+                      "neg.json": ({"log_history": [{"epoch": 1.0, "learning_rate": -1e-5}]}, r"neg.json.*log_history\[0\]"),
+                      "cut.json": ('{"log_history": [', "cut.json")}
+
+
+def _trainer_states(tmp_path):
+    for name, (state, _) in BAD_TRAINER_STATES.items():
+        (tmp_path / name).write_text(state if isinstance(state, str) else json.dumps(state))
+    return [(tmp_path / name, says) for name, (_, says) in BAD_TRAINER_STATES.items()]
+
+
 @spec("L8.3")
 def test_checkpoint_weights_from_a_trainer_state(impl, tmp_path):
-    log = [{"epoch": 0.5, "learning_rate": 2.0}, {"epoch": 1.0, "learning_rate": 1.0}, {"epoch": 1.0, "loss": 3.0},
-           {"epoch": 1.5, "learning_rate": 0.5}, {"epoch": 2.0, "learning_rate": 0.25}]
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    """eta_i = the mean logged rate of epoch i, entries with epoch in (i - 1, i] (1.0 belongs to epoch 1); a state
+    with an epoch missing, a NaN or negative rate, or no log is refused (its weights would be wrong)."""
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": TRAINER_LOG}))
     assert impl.checkpoint_weights_from_trainer_state(tmp_path / "trainer_state.json") == [1.5, 0.375]
-    bad = {"bad.json": ({"global_step": 3}, "log_history"),
-           "gap.json": ({"log_history": log[:2] + [{"epoch": 3.0, "learning_rate": 0.1}]}, "epoch 2"),
-           "nan.json": ({"log_history": log[:3] + [{"epoch": 1.5, "learning_rate": float("nan")}]}, r"nan.json.*log_history\[3\]"),
-           "neg.json": ({"log_history": [{"epoch": 1.0, "learning_rate": -1e-5}]}, r"neg.json.*log_history\[0\]")}
-    for name, (state, says) in bad.items():
-        (tmp_path / name).write_text(json.dumps(state))
+    for path, _ in _trainer_states(tmp_path):
+        with pytest.raises(Exception):  # noqa: B017 -- the message is policy (L8.4)
+            impl.checkpoint_weights_from_trainer_state(path)
+
+
+@spec("L8.4")
+def test_trainer_state_refusals_name_file_and_entry(impl, tmp_path):
+    for path, says in _trainer_states(tmp_path):
         with pytest.raises(ValueError, match=says):
-            impl.checkpoint_weights_from_trainer_state(tmp_path / name)
-    (tmp_path / "cut.json").write_text('{"log_history": [')
-    with pytest.raises(ValueError, match="cut.json"):
-        impl.checkpoint_weights_from_trainer_state(tmp_path / "cut.json")
+            impl.checkpoint_weights_from_trainer_state(path)
 
 
 # --- L9: data preparation
@@ -1595,6 +1695,7 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(tmp_path, mon
         return real(*a, **k)
 
     monkeypatch.setattr(ref, "example_gradients", failing)
+    monkeypatch.setattr(ref, "GRAD_BUFFER_BYTES", 1)  # one chunk per projection: each chunk is written when done
     with pytest.raises(KeyboardInterrupt):
         _ref_collect(model, ex, tmp_path / "run")
     shard = tmp_path / "run" / "shard-000-of-001"
@@ -1741,9 +1842,10 @@ def test_merge_refuses_missing_rank_conflicts_and_foreign_chunks(tmp_path, monke
         ref.merge_features(str(out))
 
 
-def test_dead_rank_then_resume_equals_clean_run(tmp_path):
+def test_dead_rank_then_resume_equals_clean_run(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
+    monkeypatch.setenv("LESS_GRAD_BUFFER_BYTES", "1")  # the ranks write each chunk when it is done
     ex = _examples(9)
     _ref_collect(_lm(), ex, tmp_path / "single")
     single = ref.load_features(tmp_path / "single" / "features.safetensors")

@@ -18,6 +18,9 @@ jl       : JL quality of both kinds on real per-example gradients (a tiny Llama)
            cosine errors, and the top-5% LESS selection from projected vs exact (unprojected) features.
 fingerprint : model_fingerprint (sha256 of every parameter) on a ~1e8-parameter Llama.
 slices   : peak memory of the collection's feature step, whole gradient vs projected_features (row_offset slices).
+collect  : collect_features on a full-parameter 2-layer Llama (D = 590k), k = 8192, sgd: dense vs sjlt on 320
+           records (2 chunks, one projection buffer), and on 48 records dense with a buffer of one batch (R made once
+           per batch of 8, as before issue 37) vs the default buffer.
 """
 import argparse
 import json
@@ -385,6 +388,57 @@ def bench_slices(device, smoke):
         note="projected_features (row_offset slices) vs project(gradient_features(...)), fresh processes")
 
 
+def bench_collect(device, smoke):
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4)
+    n_ex, k = (8, 256) if smoke else (320, 8192)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=128, **cfg)).to(device)
+    D = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for i in range(n_ex):
+        n = int(torch.randint(32, 65, (1,), generator=g))
+        ids = torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist()
+        ex.append({"id": f"r{i}", "input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+
+    def run(kind, buffer_bytes=None, ex=ex):
+        n_ex = len(ex)
+        old, less_ref.GRAD_BUFFER_BYTES = less_ref.GRAD_BUFFER_BYTES, buffer_bytes or less_ref.GRAD_BUFFER_BYTES
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                t = time.perf_counter()
+                path = less_ref.collect_features(model, ex, tmp, "sgd", projection=less_ref.Projection(k, 0, kind))
+                sec = (time.perf_counter() - t) / n_ex
+                return sec, less_ref.load_features(path)[0]
+        finally:
+            less_ref.GRAD_BUFFER_BYTES = old
+    sj, _ = run("sjlt")
+    dense, _ = run("rademacher")
+    row("collect", f"full-parameter Llama D={D / 1e6:.2f}M k={k} N={n_ex}, dense vs sjlt", dense, sj,
+        "s_per_record", note=f"dense / sjlt = {dense / sj:.2f}; load {os.getloadavg()[0]:.1f}")
+    # the floor of the dense kind: the (N, D) @ (D, k) product alone, one R block reused (no generation)
+    x, block = torch.randn(n_ex, D), max(1, 2 ** 24 // k)
+    R = torch.randn(block, k)
+    out = torch.zeros(n_ex, k)
+    t = time.perf_counter()
+    for r0 in range(0, D, block):
+        out.addmm_(x[:, r0:r0 + block], R[:min(block, D - r0)])
+    gemm = (time.perf_counter() - t) / n_ex
+    row("collect", f"full-parameter Llama D={D / 1e6:.2f}M k={k} N={n_ex}, dense - sjlt vs the GEMM alone", dense - sj,
+        gemm, "s_per_record", note=f"GEMM {2 * D * k * n_ex / gemm / n_ex / 1e9:.0f} GFLOP/s")
+    few = ex[:min(48, n_ex)]
+    buffered, f_buf = run("rademacher", ex=few)
+    per_batch, f_batch = run("rademacher", buffer_bytes=8 * D * 4, ex=few)  # one batch of 8 rows: R made per batch
+    diff = (f_buf - f_batch).abs().max().item()
+    row("collect", f"full-parameter Llama D={D / 1e6:.2f}M k={k} N={len(few)}, dense: buffer vs per batch", buffered,
+        per_batch, "s_per_record", note=f"{per_batch / buffered:.1f}x faster; features max |diff| {diff:.1e}; "
+        f"load {os.getloadavg()[0]:.1f}")
+
+
 def bench_head(device, smoke):
     """train_head's 300 Adam steps: minpp_loss on the (N, V) logits every step (the previous train_head) vs one
     band_statistics pass then O(N K) steps (band_loss); the seed's grid; final weights compared. At V = 128256 on
@@ -424,7 +478,7 @@ def bench_head(device, smoke):
                  f"weights after {base_steps} steps: max |difference| / max w = {diff:.2e}")
 
 
-BENCHES = ("project", "grads", "loss", "head", "samplers", "sjlt", "jl", "fingerprint", "slices")
+BENCHES = ("project", "grads", "loss", "head", "samplers", "sjlt", "jl", "fingerprint", "slices", "collect")
 
 
 def main():

@@ -67,7 +67,7 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
     "M21": ("minpp_ref", "loss fast path: the candidate margin on the wrong side (tokens just above tau_min dropped)",
             "return n0, z >= m + (log_tau[n0] - 1e-3)", "return n0, z >= m + (log_tau[n0] + 1e-3)"),
     "M22": ("less_ref", "data fingerprint without the labels (another label mask is resumed)",
-            ', _as_long(e["labels"]).tolist()]).encode()', "]).encode()"),
+            ', _as_long(e["labels"]).tolist()]\n', "]\n"),
     "M23": ("less_ref", "projection identity without sjlt's s (features of another s are mixed)",
             "return dict(ident, sjlt_s=self.s) if self.kind == \"sjlt\" else ident", "return ident"),
     "M24": ("less_ref", "match does not compare the model (features of two base models are scored together)",
@@ -102,8 +102,7 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
     "M36": ("less_ref", "model_fingerprint: the first 1024 entries of each tensor only",
             "{p.requires_grad};\".encode(), p))", "{p.requires_grad};\".encode(), p.reshape(-1)[:1024]))"),
     "M37": ("less_ref", "file checksum: the ids left out (a swapped id passes)",
-            "parts = [json.dumps(meta, sort_keys=True).encode()]",
-            "parts = [json.dumps({k: v for k, v in meta.items() if k != 'ids'}, sort_keys=True).encode()]"),
+            "    for k in sorted(tensors):\n        parts +=", "    for k in sorted(set(tensors) - {'ids'}):\n        parts +="),
     "M38": ("less_ref", "file checksum checked only when present (an edited file without one passes)",
             ("if checksum is None or meta.get(\"format\") != FILE_FORMAT:", "if checksum != _file_checksum(tensors, meta):"),
             ("if False:", "if checksum is not None and checksum != _file_checksum(tensors, meta):")),
@@ -111,10 +110,47 @@ MUTANTS = {  # name: (module, what the bug is, old text, new text)
             "            _check_weights(model, weights, i)\n", ""),
     "M40": ("less_ref", "collect: an optimizer state given with sgd is used (Adam features under grad_type sgd)",
             ("adam = adam_state(model, optimizer_state) if grad_type == \"adam\" else None",
-             "y = projection(gradient_features(grads[:, a:b], grad_type, part, eps_outside), row_offset=a)"),
+             "y = projection(gradient_features(grads[:, a:a + slice_cols], grad_type, part, eps_outside), row_offset=a)"),
             ("adam = adam_state(model, optimizer_state) if optimizer_state is not None else None",
-             "y = projection(gradient_features(grads[:, a:b], \"adam\" if part else grad_type, part, eps_outside), row_offset=a)")),
+             "y = projection(gradient_features(grads[:, a:a + slice_cols], \"adam\" if part else grad_type, part, "
+             "eps_outside), row_offset=a)")),
+    # issue 35: the bug classes the suite missed
+    "M41": ("minpp_ref", "next_token_probs: top-p before top-k",
+            "((apply_top_k, top_k), (apply_top_p, top_p), (apply_min_p, min_p))",
+            "((apply_top_p, top_p), (apply_top_k, top_k), (apply_min_p, min_p))"),
+    "M42": ("minpp_ref", "next_token_probs: MinP+ before min-p",
+            ("    for apply, x in ((apply_top_k, top_k), (apply_top_p, top_p), (apply_min_p, min_p)):",
+             "    return p if minpp is None else minpp_probs(p, *minpp, check=check)"),
+            ("    p = p if minpp is None else minpp_probs(p, *minpp, check=check)\n"
+             "    for apply, x in ((apply_top_k, top_k), (apply_top_p, top_p), (apply_min_p, min_p)):",
+             "    return p")),
+    "M43": ("minpp_ref", "generate: MinP+ applied to the raw logits, before temperature",
+            "tok = next_token(res.logits[:, -1], do_sample=do_sample, generator=generator, check=False, **filters)",
+            "z = res.logits[:, -1] if filters.get('minpp') is None else minpp_logits(res.logits[:, -1], *filters['minpp'])\n"
+            "        tok = next_token(z, do_sample=do_sample, generator=generator, check=False,\n"
+            "                         **{k: v for k, v in filters.items() if k != 'minpp'})"),
+    "M44": ("minpp_ref", "train_head: the regulariser's sign flipped (lam > 0 smooths)",
+            "loss = _band_loss(stats, head.w) + lam * regulariser(head.w, reg)",
+            "loss = _band_loss(stats, head.w) - lam * regulariser(head.w, reg)"),
+    "M45": ("less_ref", "file checksum: the identity left out (an edited checkpoint name or model hash loads)",
+            "parts = [json.dumps(meta, sort_keys=True).encode()]",
+            "parts = [json.dumps({k: v for k, v in meta.items() if k != 'identity'}, sort_keys=True).encode()]"),
+    "M46": ("less_ref", "match: checkpoint steps compared as strings (checkpoint-10 before checkpoint-9)",
+            "if int(steps[i].group(1)) <= int(steps[i - 1].group(1)):", "if steps[i].group(1) <= steps[i - 1].group(1):"),
+    "M47": ("less_ref", "match: a checkpoint given twice found by its name only (the same model under two names passes)",
+            "((ident[\"model\"], ident[\"optimizer\"]), \"the same model and optimizer state\")", "((\"\",), \"\")"),
+    "M48": ("minpp_ref", "train_head: BandStats of another grid or temperature accepted",
+            ("        if temperature is not None and temperature != stats.temperature:",
+             "        _check_stats(stats, head.tau)\n"),
+            ("        if False:", "")),
+    "M49": ("minpp_ref", "minpp_logits: weights clamped to 1 instead of divided by their max (scale matters)",
+            "c = cumulative_weights(d, tau.to(z).log(), unit_weights(w).to(z))",
+            "c = cumulative_weights(d, tau.to(z).log(), w.float().clamp(max=1.0).to(z))"),
+    "M50": ("less_ref", "checkpoint weights: a log entry at epoch 1.0 counted in epoch 2",
+            "by_epoch.setdefault(max(1, math.ceil(e[\"epoch\"] - 1e-9)), [])",
+            "by_epoch.setdefault(int(e[\"epoch\"]) + 1, [])"),
 }
+
 
 
 def run(name, tmp):

@@ -11,6 +11,7 @@ STORAGE_CHECKSUM = False). The gradients, projection and scores are less_ref's; 
 import hashlib
 import json
 import os
+import re
 
 import torch
 
@@ -162,6 +163,15 @@ def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
     for (_, _, a), (_, _, b) in zip(train, val):
         if any(a[k] != b[k] for k in ("projection", "checkpoint", "model")):
             raise ValueError("a train and a val file of another projection, checkpoint or model")
+        if b["grad_type"] != "sgd":
+            raise ValueError("the validation side must be plain gradients (sgd)")
+    names = [t[2]["checkpoint"] for t in train]
+    states = [(t[2]["model"], t[2]["moments"]) for t in train]
+    if len(set(names)) < len(names) or len(set(states)) < len(states):
+        raise ValueError("the same checkpoint twice (a name, or one model and optimizer state)")
+    steps = [re.search(r"(\d+)$", n) for n in names]
+    if all(steps) and [int(m.group(1)) for m in steps] != sorted(int(m.group(1)) for m in steps):
+        raise ValueError("the checkpoints are not in epoch order")
     for side in (train, val):
         if any(s[1] != side[0][1] for s in side):
             raise ValueError("the files of one side hold other ids at another checkpoint")
