@@ -246,8 +246,10 @@ def pytest_sessionfinish(session, exitstatus):
             tr.write_line(f"  {cid:6s} {c['title']:{width}s} {c['tier']:6s} {n['passed']:4d} / {n['failed']:2d} / "
                           f"{n['skipped']:3d}" + (f"; not provided: {', '.join(missing)}" if missing else ""))
         impl_opt = f" --{kind}-impl {name}" if kind in _candidates(session.config) else ""
-        for cid, failures in sorted(_FAILED.get(kind, {}).items()):  # one line per failed clause: its first failure
-            nodeid, msg = failures[0]
+        failed = _FAILED.get(kind, {})
+        for cid in sorted(failed, key=lambda c: [int(x) for x in c[1:].split(".")]):
+            failures = failed[cid]
+            nodeid, msg = failures[0]  # one line per failed clause: its first failure, and how many more
             more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
             tr.write_line(f"  FAILED {cid} {CLAUSES[cid]['tier']}{more}: {msg}", red=CLAUSES[cid]["tier"] == "core")
             tr.write_line(f"    python -m pytest '{nodeid}'{impl_opt}")

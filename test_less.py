@@ -1058,9 +1058,15 @@ def test_bad_examples_are_refused(impl, tmp_path, case):
 
 
 def _flip_a_bit_of_the_features(path):
-    """Flip one bit of the last value stored in a safetensors file (the data sit after the header)."""
+    """Flip one bit of the last value of the file's largest floating-point tensor (the features, whatever their name
+    and wherever other tensors -- ids, positions -- sit in the data)."""
     data = bytearray(path.read_bytes())
-    data[-2] ^= 0x40  # an exponent bit of the last float32 value
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    floats = [v for k, v in header.items() if k != "__metadata__" and v["dtype"] in ("F64", "F32", "F16", "BF16")]
+    start, end = max(floats, key=lambda v: v["data_offsets"][1] - v["data_offsets"][0])["data_offsets"]
+    assert end > start, "no floating-point data to flip"
+    data[8 + n + end - 2] ^= 0x40  # a high bit of the last value (little-endian)
     path.write_bytes(bytes(data))
 
 
@@ -2074,6 +2080,23 @@ def test_command_line_collect_shows_progress_in_a_log_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [x for x in proc.stderr.splitlines() if "records (" in x]
     assert len(lines) >= 5 and lines[-1].startswith("rank 0: sgd features: 10/10 records (100%)") and "ETA" in lines[0], lines
+    assert "\r" not in proc.stderr and "Warning" not in proc.stderr, "a library's bar or warning in the log"
+
+
+def test_progress_lines_come_on_a_timer(monkeypatch, capsys):
+    """Progress in a log file is a timer, not a record count: with nothing done for a while (a model load, a slow
+    batch) lines still come every PROGRESS_SECONDS -- less_ref's and the command lines' alike."""
+    import time
+
+    from cli import common
+    monkeypatch.setenv("PROGRESS_SECONDS", "0.1")
+    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.1)
+    for bar in (ref._Progress(10, "lib"), common.Progress(10, "cli"), common.Progress(None, "loading")):
+        time.sleep(0.45)
+        bar.close()
+    err = capsys.readouterr().err.splitlines()
+    for desc, says in (("lib", "lib: 0/10 records"), ("cli", "cli: 0/10 records"), ("loading", "loading: 0m00s so far")):
+        assert sum(line.startswith(says) for line in err) >= 2, (desc, err)
 
 
 def test_warmup_base_model_is_tied_to_its_gguf_file(tmp_path):
