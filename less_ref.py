@@ -440,7 +440,7 @@ FILE_FORMAT = "less-ref-features-v3"  # v3: ids as a tensor (any number of them)
 def _file_checksum(tensors, meta):
     """sha256 of everything a feature file says: each tensor's name, dtype, shape and bytes (the ids' too), and every
     metadata field (identity, format) as canonical JSON: a swapped or edited id is a changed file."""
-    parts = [json.dumps(meta, sort_keys=True).encode()]  # canonical: keys sorted
+    parts = [json.dumps(meta, sort_keys=True).encode()]
     for k in sorted(tensors):
         parts += [f"{k}|{tensors[k].dtype}|{tuple(tensors[k].shape)};".encode(), tensors[k]]
     return _sha(parts, n_hex=64)

@@ -175,9 +175,14 @@ def quiet_libraries():
 
 
 # --- pre-flight checks: every file an option names, before torch is imported and any model loads
+def _each(paths):
+    """An option's value as a list of paths (one path, several, or None: none)."""
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths or [])
+
+
 def existing(option, paths, kind="file"):
     """Each path an option names exists and is a file (kind 'file') or a directory ('directory'): else exit 2."""
-    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths or []:
+    for p in _each(paths):
         if not (os.path.isfile if kind == "file" else os.path.isdir)(p):
             raise UsageError(f"{option} {p}: no such {kind}")
 
@@ -187,7 +192,7 @@ def distinct(inputs, outputs):
     command reads or writes is lost: {label: path or paths}; checked before any work."""
     seen = {}
     for label, paths in list(inputs.items()) + list(outputs.items()):
-        for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths or []:
+        for p in _each(paths):
             real = os.path.realpath(p)
             if real in seen and (label in outputs or seen[real][0] in outputs):
                 raise UsageError(f"{label} {p} is also {seen[real][0]} {seen[real][1]}: a command never writes over "
