@@ -92,12 +92,17 @@ def trainable_parameters(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _as_long(x):
+    return torch.as_tensor(x, dtype=torch.long)
+
+
 def example_gradients(model, examples, vmap=True):
     """(B, D) float32 gradients of the HF causal-LM loss (mean CE over labels != -100) per example (a dict with
     'id', 'input_ids', 'labels'), over trainable_parameters(model), in eval mode (dropout must not change features).
     vmap=False: the definition, one backward per example (the original's batch size 1); vmap=True: the batched
     fast path of section 2 (_vmap_gradients), equal up to float rounding."""
-    params = _check_model_inputs(model, examples)
+    _check_model_inputs(model, examples)
+    params = trainable_parameters(model)  # [(name, param)]: the gradient's layout
     model.eval()
     if vmap:
         return _vmap_gradients(model, examples, params)
@@ -203,17 +208,20 @@ def influence_scores(train, val, checkpoint_weights=None, n_subtasks=1):
     train, val: (N, k) / (M, k) tensors or lists of them, one per checkpoint; eta (default uniform) renormalised
     to sum 1; validation rows form n_subtasks contiguous, equal-sized subtasks."""
     train, val = ([x] if torch.is_tensor(x) else list(x) for x in (train, val))
-    eta, M = _check_influence_inputs(train, val, checkpoint_weights, n_subtasks)
-    sim = 0
+    _check_influence_inputs(train, val, checkpoint_weights, n_subtasks)
+    eta = torch.as_tensor([1.0] * len(train) if checkpoint_weights is None else checkpoint_weights, dtype=torch.float64)
+    sim = 0  # (N, M): sum_i eta_i / sum(eta) cos(t_in, v_im)
     for i, (t, v) in enumerate(zip(train, val)):
-        sim = sim + eta[i] * (_normalise_rows(t, f"checkpoint {i} train") @ _normalise_rows(v, f"checkpoint {i} val").T)
-    return sim.reshape(sim.shape[0], n_subtasks, M // n_subtasks).mean(-1).amax(-1)  # (N, M) -> (N,)
+        cos = _normalise_rows(t, f"checkpoint {i} train") @ _normalise_rows(v, f"checkpoint {i} val").T  # (N, M)
+        sim = sim + (eta[i] / eta.sum()).item() * cos
+    return sim.reshape(sim.shape[0], n_subtasks, -1).mean(-1).amax(-1)  # (N, S, M / S) -> (N,)
 
 
 def select_top(scores, fraction=None, k=None):
     """Indices of the k highest scores, descending, ties by position; k = int(fraction * N) as in LESS."""
-    k = _check_selection(scores, fraction, k)
-    return torch.sort(scores, descending=True, stable=True).indices[:k]
+    _check_selection(scores, fraction, k)
+    k = int(fraction * scores.shape[0]) if fraction is not None else k  # LESS: int(fraction * N), rounded down
+    return torch.sort(scores, descending=True, stable=True).indices[:k]  # (k,)
 
 
 # ============================================================================
@@ -638,7 +646,8 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
         _whole("chunk_size", chunk_size)
         _whole("batch_size", batch_size)
         _check_projection_args(*projection)
-        params = _check_model_inputs(model, examples)
+        _check_model_inputs(model, examples)
+        params = trainable_parameters(model)
         adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
         data = _sha([e["id"], _as_long(e["input_ids"]).tolist(), _as_long(e["labels"]).tolist()]
                     for e in examples)  # ids, tokens and labels, in order
@@ -856,7 +865,7 @@ def _check_projection_args(proj_dim, seed, kind, s, block_rows=None):
 
 
 def _check_influence_inputs(train, val, checkpoint_weights, n_subtasks):
-    """(eta renormalised to sum 1, M) for influence_scores, after checking shapes, weights and subtasks."""
+    """influence_scores' inputs: one (N, k) train and (M, k) val tensor per checkpoint, weights, subtasks."""
     if len(train) != len(val) or not train:
         raise ValueError(f"need one train and one val tensor per checkpoint, got {len(train)} and {len(val)}")
     _whole("n_subtasks", n_subtasks)
@@ -867,18 +876,16 @@ def _check_influence_inputs(train, val, checkpoint_weights, n_subtasks):
                              "(N, k) and (M, k): an empty side has no score")
         if v.shape[0] != M or t.shape[1] != v.shape[1] or t.shape[0] != train[0].shape[0]:
             raise ValueError(f"checkpoint {i}: train {tuple(t.shape)} and val {tuple(v.shape)} do not match the others")
-    eta = torch.ones(len(train)) if checkpoint_weights is None else \
-        torch.as_tensor(checkpoint_weights, dtype=torch.float64)
+    eta = torch.as_tensor([1.0] * len(train) if checkpoint_weights is None else checkpoint_weights, dtype=torch.float64)
     if eta.numel() != len(train) or (eta < 0).any() or eta.sum() <= 0 or not torch.isfinite(eta).all():
         raise ValueError(f"checkpoint_weights must be {len(train)} finite non-negative numbers with a positive sum, "
                          f"got {eta.tolist()}")
     if M % n_subtasks:
         raise ValueError(f"n_subtasks={n_subtasks} does not divide the {M} validation examples into equal subtasks")
-    return (eta / eta.sum()).tolist(), M
 
 
 def _check_selection(scores, fraction, k):
-    """k for select_top (k = int(fraction * N) when fraction is given), after checking scores and k."""
+    """select_top's inputs: 1-D scores without NaN, exactly one of fraction in (0, 1] and k in [0, N]."""
     if (fraction is None) == (k is None):
         raise ValueError("give exactly one of fraction or k")
     if not torch.is_tensor(scores) or scores.dim() != 1:
@@ -890,7 +897,6 @@ def _check_selection(scores, fraction, k):
     _whole("k", k, 0, scores.shape[0])
     if torch.isnan(scores).any():
         raise ValueError(f"score {torch.isnan(scores).nonzero()[0].item()} is NaN")
-    return k
 
 
 def _check_weights(model, weights, i):
@@ -939,18 +945,12 @@ def _check_checkpoint_order(paths, identities):
 
 
 def _check_model_inputs(model, examples):
-    """trainable_parameters(model) after checking that there is one and that the examples fit the vocabulary."""
-    params = trainable_parameters(model)
-    if not params:
+    """The model has a trainable parameter and the examples fit its vocabulary."""
+    if not trainable_parameters(model):
         raise ValueError("the model has no trainable parameter (requires_grad): nothing to take gradients of")
     emb = getattr(model, "get_input_embeddings", lambda: None)()
     vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
     check_examples(examples, vocab)
-    return params
-
-
-def _as_long(x):
-    return torch.as_tensor(x, dtype=torch.long)
 
 
 def _token_tensor(ex, key, i):

@@ -11,12 +11,12 @@ A single threshold tau = p_base with w = 1 is min-p; tau = 0 alone is plain samp
 A head (w = softplus(theta)) is trained by the cross-entropy of q at reference tokens.
 
 Reading order: 1. the transform and its loss in plain torch (minpp_loss_plain, the
-definition, beside minpp_loss, its fused entry point); 2. the classic samplers done right;
-3. bucketing tokens on a threshold grid (shared by the fused loss and the head's
-statistics); 4. the fused, chunked loss; 5. the head and its training (band statistics:
-for fixed thresholds a row's loss needs K numbers, not V); 6. generation and a transformers
-LogitsProcessor; 7. input checks. The contract: SPEC.md part M. The tools (train, eval,
-generate, demo) are in cli/minpp.py. Imports with torch alone.
+definition, beside minpp_loss, its fused entry point); 2. the head and its training (band
+statistics: for fixed thresholds a row's loss needs K numbers, not V); 3. bucketing tokens on
+a threshold grid (shared by the statistics and the fused loss); 4. the fused, chunked loss;
+5. the classic samplers done right; 6. generation and a transformers LogitsProcessor;
+7. input checks. The contract: SPEC.md part M. The tools (train, eval, generate, demo) are
+in cli/minpp.py. Imports with torch alone.
 
 Precision: every function computes in float32 whatever the input dtype (fp32 / fp16
 / bf16) and returns float32 (band statistics: float64). Thresholds are compared in float32.
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 __all__ = ["unit_weights", "prefix_weights", "cumulative_weights", "minpp_probs", "minpp_logits", "minpp_loss_plain",
            "minpp_loss", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "next_token_probs",
-           "next_token", "uniform_grid", "threshold_grid", "MinPPlusHead", "weight_entropy", "regulariser",
-           "answer_logits", "train_head", "BandStats", "band_statistics", "band_loss", "generate",
-           "minpp_logits_processor", "check_thresholds"]
+           "next_token", "threshold_grid", "MinPPlusHead", "weight_entropy", "regulariser", "answer_logits",
+           "train_head", "BandStats", "band_statistics", "band_loss", "generate", "minpp_logits_processor",
+           "check_thresholds"]
 
 
 # ============================================================================
@@ -97,7 +97,8 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
     no (N, V) c is kept, backward recomputes chunk by chunk (_MinPPCrossEntropy, section 4), so memory stays that
     of the logits' gradient. A target with c_t = 0 has probability 0: its loss is +inf (math, not a bug) and a
     warning says how many and where. Gradients flow to logits and w."""
-    scored, n, chunk_rows = _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows)
+    scored = _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows)  # (N,): rows whose target counts
+    n, chunk_rows = int(scored.sum()), chunk_rows or max(1, 2 ** 22 // logits.shape[1])  # 16 MB of logits a chunk
     log_tau = tau.to(logits.device, torch.float32).log()
     w1 = unit_weights(w)  # q is scale-free in w; max 1 keeps extreme weights exact (grad: d w1 / d w by autograd)
     loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows, n)
@@ -114,238 +115,7 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
 
 
 # ============================================================================
-# 2. The classic samplers: temperature, then top-k, top-p, min-p (transformers' order)
-
-
-def apply_temperature(logits, temperature):
-    """(z - max z) / T in float32: softmax(z / T) with the row max shifted to 0, so a tiny T never overflows
-    (T -> 0 tends to argmax, ties shared; do_sample=False is argmax). T must be finite and > 0."""
-    T = _real("temperature", temperature, 0, math.inf, lo_open=True)
-    z = _check_logits(logits)
-    return (z - z.amax(-1, keepdim=True)) / T
-
-
-def _renormalise(p, keep):
-    q = torch.where(keep, p, 0.0)
-    return q.div_(q.sum(-1, keepdim=True))
-
-
-def apply_top_k(probs, k):
-    """Keep p_v >= the k-th largest p (all ties with the k-th are kept: order-free), renormalise. float32."""
-    if _real("top_k", k, 1, math.inf) != int(k):
-        raise ValueError(f"top_k must be a whole number >= 1, got {k!r}")
-    p = _check_probs(probs)
-    kth = torch.topk(p, min(int(k), p.shape[-1]), dim=-1).values[..., -1:]
-    return _renormalise(p, p >= kth)
-
-
-def apply_top_p(probs, top_p):
-    """Nucleus: keep the smallest prefix (by descending p) with mass >= top_p, i.e. token i of the sorted
-    order is kept iff s_1 + ... + s_(i-1) < top_p (an exclusive cumsum, shifted, not cumsum - s: that rounds);
-    tokens tied with the last kept one are kept too (order-free). top_p = 1 keeps every token (a float32
-    cumsum reaches 1.0 before the tail). float32, renormalised; the most likely token is always kept."""
-    top_p = _real("top_p", top_p, 0, 1, lo_open=True)
-    p = _check_probs(probs)
-    p = p / p.sum(-1, keepdim=True)
-    if top_p == 1:
-        return p
-    s = torch.sort(p, dim=-1, descending=True).values  # (N, V)
-    before = F.pad(torch.cumsum(s, -1)[..., :-1], (1, 0))  # mass strictly before each sorted token
-    kept = (before < top_p).sum(-1, keepdim=True)  # >= 1: before[0] = 0
-    return _renormalise(p, p >= s.gather(-1, kept - 1))
-
-
-def apply_min_p(probs, p_base):
-    """Keep p_v >= p_base * max p (r_v >= p_base up to rounding; the boundary token is kept), renormalise.
-    float32."""
-    p_base = _real("p_base (min_p)", p_base, 0, 1)
-    p = _check_probs(probs)
-    return _renormalise(p, p >= p_base * p.amax(-1, keepdim=True))
-
-
-def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, minpp=None, check=True):
-    """The sampling distribution: softmax(z / T), then top-k, top-p, min-p, MinP+ (tau, w), each renormalised.
-    The order is transformers' (temperature, top-k, top-p, min-p); vLLM applies min-p before top-k/top-p,
-    which differs when filters are combined. float32 (N, V). check: as in minpp_probs."""
-    p = torch.softmax(apply_temperature(logits, temperature), -1)  # (N, V)
-    for apply, x in ((apply_top_k, top_k), (apply_top_p, top_p), (apply_min_p, min_p)):  # in this order
-        p = p if x is None else apply(p, x)
-    return p if minpp is None else minpp_probs(p, *minpp, check=check)
-
-
-def next_token(logits, do_sample=True, generator=None, **filters):
-    """(N,) token ids: argmax of the logits when do_sample is False (every filter keeps the argmax, and MinP+
-    never lowers it: q/p grows with r), otherwise a draw from next_token_probs(logits, **filters)."""
-    if not do_sample:
-        _check_logits(logits)
-        return logits.float().argmax(-1)
-    return torch.multinomial(next_token_probs(logits, **filters), 1, generator=generator)[:, 0]
-
-
-# ============================================================================
-# 3. Bucketing tokens on a threshold grid (shared by the fused loss and the head's statistics)
-
-
-def uniform_grid(log_tau):
-    """(space, c1, inv_h, n0, K) for evenly spaced thresholds: a token's bucket (number of thresholds <= r) is
-    trunc(u), u = x / h + c1, x = log r ('log': positive thresholds evenly spaced in log tau) or r ('linear').
-    Each float32 threshold must land within 1e-4 of its integer, so tokens with u 1e-3 or more from an integer
-    are bucketed exactly (u is monotone in log r) and the few nearer ones are bucketized. None otherwise."""
-    lt = log_tau.float().cpu()
-    n0, K = int(torch.isneginf(lt).sum()), lt.numel()
-    for space, x in (("log", lt[n0:]), ("linear", lt.exp())):
-        first = n0 if space == "log" else 0  # bucket index of the first threshold of x, minus 1
-        if x.numel() < 2 or not (x[-1] > x[0]):
-            continue
-        h = (x[-1].double() - x[0].double()).item() / (x.numel() - 1)
-        inv_h, c1 = 1 / h, first + 1 - x[0].item() / h
-        u = torch.mul(x, inv_h).add_(c1)
-        if (u - torch.arange(first + 1, first + 1 + x.numel())).abs().max() < 1e-4:
-            return space, c1, inv_h, n0, K
-    return None
-
-
-def _bucket_workspace(z):
-    """Chunk-sized buffers reused by every chunk (fresh large allocations cost page faults)."""
-    return {"u": torch.empty(z.shape, device=z.device), "tmp": torch.empty(z.shape, device=z.device),
-            "j": torch.empty(z.shape, dtype=torch.long, device=z.device),
-            "near": torch.empty(z.shape, dtype=torch.bool, device=z.device)}
-
-
-def _dense_buckets(z, m, log_tau, grid, e, ws, fix=None):
-    """e = exp(z - m) written into e (float32), and every token's bucket (int64 (n, V), in ws); the tokens
-    within 1e-3 of a threshold in u are bucketized exactly (fix = their (positions, buckets), found if None)."""
-    space, c1, inv_h, n0, K = grid
-    n = z.shape[0]
-    u, tmp, j, near = (ws[k][:n] for k in ("u", "tmp", "j", "near"))
-    torch.sub(z, m, out=e)
-    if space == "log":
-        torch.mul(e, inv_h, out=u).add_(c1)
-    e.exp_()
-    if space == "linear":
-        torch.mul(e, inv_h, out=u).add_(c1)
-    u.clamp_(n0 + 0.25, K + 0.25)  # below every positive threshold: bucket n0, and not "near" an integer
-    j.copy_(u)  # trunc: the bucket
-    if fix is None:
-        torch.round(u, out=tmp).sub_(u).abs_()
-        pos = torch.lt(tmp, 1e-3, out=near).view(-1).nonzero()[:, 0]
-        d = z.reshape(-1)[pos].float() - m[pos // z.shape[1], 0]
-        fix = pos, torch.bucketize(d, log_tau, right=True)
-    j.view(-1)[fix[0]] = fix[1]
-    return j, fix
-
-
-# ============================================================================
-# 4. Fast path: the fused, chunked loss behind minpp_loss (== minpp_loss_plain), never (N, V) in memory
-
-
-class _MinPPCrossEntropy(torch.autograd.Function):
-    """Sum over rows of -log q_t, q = softmax(z + log c), chunk by chunk, no (N, V) c kept for backward. With m
-    the row max, d = z - m (log r), e = exp(d), S = sum_v e_v c_v, c_v = prefix[bucket_v], H_j = sum of e over
-    bucket j:  row loss = log S - d_t - log c_t,  dL/dz_v = e_v c_v / S - [v = t],
-    dL/dprefix_j = H_j / S - [t in bucket j] / c_t,  dL/dw_i = sum_{j > i} dL/dprefix_j.  Buckets, exactly:
-    - tokens below the smallest positive threshold share c_low, so S = c_low sum_v e_v + sum_{v above} e_v (c_v -
-      c_low) and only those above are bucketized;
-    - but when more than 1/8 of a chunk's tokens lie above it and the grid is evenly spaced (uniform_grid), every
-      token's bucket in O(1) instead; H (K + 1 per row) kept for dL/dw, the buckets recomputed in backward.
-    Per-token work in float32; the sums over rows (the loss, dL/dw) accumulate in float64."""
-
-    @staticmethod
-    def _candidates(z, m, log_tau):
-        """(n0, mask of the tokens that may lie above the smallest positive threshold): a cheap test on z with a
-        margin of 1e-3 for rounding; the exact rule is bucketize on d."""
-        n0 = int(torch.isneginf(log_tau).sum())  # thresholds at tau = 0 (at most one)
-        if n0 == log_tau.numel():
-            return n0, torch.zeros(z.shape, dtype=torch.bool, device=z.device)
-        return n0, z >= m + (log_tau[n0] - 1e-3)
-
-    @staticmethod
-    def _above(z, m, log_tau, cand=None):
-        """The tokens with d = z - m >= log tau_min: n0, flat positions, rows, exp(d) and bucket (number of
-        thresholds <= r)."""
-        n0, mask = cand or _MinPPCrossEntropy._candidates(z, m, log_tau)
-        pos = mask.view(-1).nonzero()[:, 0]
-        rows = pos // z.shape[1]
-        d = z.reshape(-1)[pos].float() - m[rows, 0]
-        return n0, pos, rows, d.exp(), torch.bucketize(d, log_tau, right=True)
-
-    @staticmethod
-    def forward(ctx, logits, target, log_tau, w, chunk_rows, n):
-        prefix = prefix_weights(w)
-        grid = uniform_grid(log_tau)
-        scored = target >= 0  # ignored rows come in as -1
-        t = target.clamp(min=0)
-        total = logits.new_zeros((), dtype=torch.float64)  # finite row losses whose float32 sum would overflow
-        stats = []
-        buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
-        ws = None  # the dense path's buffers, made when a chunk first needs them
-        for s in range(0, logits.shape[0], chunk_rows):
-            z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
-            m = _row_max(z, s).float()  # the max is exact in any dtype: no float32 copy of the chunk
-            e = buf[:z.shape[0]]
-            cand = _MinPPCrossEntropy._candidates(z, m, log_tau)
-            if grid and int(torch.count_nonzero(cand[1])) > z.numel() // 8:  # many above tau_min: O(1) buckets
-                ws = ws or _bucket_workspace(buf)
-                j, fix = _dense_buckets(z, m, log_tau, grid, e, ws)
-                hist = torch.zeros(z.shape[0], prefix.numel(), device=z.device).scatter_add_(1, j, e)  # (n, K+1)
-                S, keep = hist @ prefix, ("dense", hist, fix)
-            else:  # few tokens above tau_min (or no even grid): bucketize those only
-                e_sum = torch.sub(z, m, out=e).exp_().sum(-1)
-                n0, pos, rows, e_pos, bucket = above = _MinPPCrossEntropy._above(z, m, log_tau, cand)
-                S = prefix[n0] * e_sum
-                S.index_add_(0, rows, e_pos * (prefix[bucket] - prefix[n0]))
-                # keep the tokens above tau_min for backward unless they are many (flat distributions)
-                keep = ("sparse", e_sum, above if pos.numel() <= z.numel() // 8 else None)
-            d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]
-            row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()
-            total = total + row_loss[sc].double().sum()
-            stats.append((m, S, d_t, keep))
-        ctx.save_for_backward(logits, t, scored, log_tau, w)
-        ctx.stats, ctx.chunk_rows, ctx.grid, ctx.n = stats, chunk_rows, grid, n
-        return (total / n).float()  # the mean over the n scored rows
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        logits, t, scored, log_tau, w = ctx.saved_tensors
-        prefix = prefix_weights(w)
-        want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
-        g_prefix = torch.zeros_like(prefix, dtype=torch.float64)  # K + 1 sums of up to N V terms: float64
-        ws = _bucket_workspace(logits[:ctx.chunk_rows]) if want_z and any(
-            k[0] == "dense" for *_, k in ctx.stats) else None
-        for (m, S, d_t, keep), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
-            z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
-            g_row = scored[s:s + ctx.chunk_rows].float() * (grad_total / ctx.n)  # (n,) d mean / d row loss
-            scale = g_row / S
-            if want_w:
-                b_t = torch.bucketize(d_t, log_tau, right=True)
-                g_prefix.index_add_(0, b_t, (-g_row / prefix[b_t]).double())
-            g = grad_z[s:s + ctx.chunk_rows] if want_z else None
-            if keep[0] == "dense":
-                _, hist, fix = keep
-                if want_w:
-                    g_prefix += scale.double() @ hist.double()
-                if want_z:  # g = e c scale, c from the buckets recomputed (the near ones as in forward)
-                    j, _ = _dense_buckets(z, m, log_tau, ctx.grid, g, ws, fix)
-                    c = torch.index_select(prefix, 0, j.view(-1), out=ws["u"][:z.shape[0]].view(-1))
-                    g.mul_(c.view(g.shape)).mul_(scale[:, None])
-            else:
-                _, e_sum, above = keep
-                n0, pos, rows, e_pos, bucket = above or _MinPPCrossEntropy._above(z, m, log_tau)
-                if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
-                    g_prefix[n0] += (e_sum * scale).double().sum() - (e_pos * scale[rows]).double().sum()
-                    g_prefix.index_add_(0, bucket, (e_pos * scale[rows]).double())
-                if want_z:  # q - onehot, scaled, in place in grad_z
-                    torch.sub(z, m, out=g).exp_().mul_((prefix[n0] * scale)[:, None])
-                    g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - prefix[n0]) * scale[rows])
-            if want_z:
-                g.scatter_add_(1, tc[:, None], -g_row[:, None])
-        grad_w = torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:].to(w.dtype) if want_w else None
-        return grad_z.to(logits.dtype) if want_z else None, None, None, grad_w, None, None
-
-
-# ============================================================================
-# 5. The learnable head and its training
+# 2. The learnable head and its training
 
 
 def threshold_grid(K=32, grid="log", tau_min=1e-3):
@@ -515,14 +285,15 @@ def band_statistics(logits, target, tau, temperature=1.0, ignore_index=-100, wei
     Rows whose target is ignore_index are left out. weight: (N,) finite row weights >= 0 for band_loss (e.g. the
     base probability of the target, detached)."""
     T = _real("temperature", temperature, 0, math.inf, lo_open=True)
-    scored, _, chunk_rows = _check_loss_args(logits, target, tau, None, ignore_index, chunk_rows)
+    scored = _check_loss_args(logits, target, tau, None, ignore_index, chunk_rows)  # (N,)
+    chunk_rows = chunk_rows or max(1, 2 ** 22 // logits.shape[1])
     if weight is not None and not (torch.is_tensor(weight) and weight.shape == target.shape and
                                    bool(torch.isfinite(weight).all() and (weight >= 0).all()
                                         and weight[scored].sum() > 0)):
         raise ValueError(f"weight must be a ({target.numel()},) tensor of finite numbers >= 0, not all 0 on scored "
                          "rows")
     log_tau, out, ws = tau.to(logits.device, torch.float32).log(), [], None
-    grid = uniform_grid(log_tau)
+    grid = _uniform_grid(log_tau)
     for s in range(0, logits.shape[0], chunk_rows):
         z, keep = logits[s:s + chunk_rows].float() / T, scored[s:s + chunk_rows]
         m = _row_max(z, s)  # every row checked, as minpp_loss does; the error names the caller's row
@@ -563,6 +334,237 @@ def _band_loss(stats, w):
         warnings.warn(f"MinP+ loss is inf at {bad.numel()} row(s), first {bad[0].item()}: c = 0 at the target "
                       "(below every threshold with weight > 0; add tau = 0 to the grid)")
     return loss.float()
+
+
+# ============================================================================
+# 3. Bucketing tokens on a threshold grid (shared by the head's statistics and the fused loss)
+
+
+def _uniform_grid(log_tau):
+    """(space, c1, inv_h, n0, K) for evenly spaced thresholds: a token's bucket (number of thresholds <= r) is
+    trunc(u), u = x / h + c1, x = log r ('log': positive thresholds evenly spaced in log tau) or r ('linear').
+    Each float32 threshold must land within 1e-4 of its integer, so tokens with u 1e-3 or more from an integer
+    are bucketed exactly (u is monotone in log r) and the few nearer ones are bucketized. None otherwise."""
+    lt = log_tau.float().cpu()
+    n0, K = int(torch.isneginf(lt).sum()), lt.numel()
+    for space, x in (("log", lt[n0:]), ("linear", lt.exp())):
+        first = n0 if space == "log" else 0  # bucket index of the first threshold of x, minus 1
+        if x.numel() < 2 or not (x[-1] > x[0]):
+            continue
+        h = (x[-1].double() - x[0].double()).item() / (x.numel() - 1)
+        inv_h, c1 = 1 / h, first + 1 - x[0].item() / h
+        u = torch.mul(x, inv_h).add_(c1)
+        if (u - torch.arange(first + 1, first + 1 + x.numel())).abs().max() < 1e-4:
+            return space, c1, inv_h, n0, K
+    return None
+
+
+def _bucket_workspace(z):
+    """Chunk-sized buffers reused by every chunk (fresh large allocations cost page faults)."""
+    return {"u": torch.empty(z.shape, device=z.device), "tmp": torch.empty(z.shape, device=z.device),
+            "j": torch.empty(z.shape, dtype=torch.long, device=z.device),
+            "near": torch.empty(z.shape, dtype=torch.bool, device=z.device)}
+
+
+def _dense_buckets(z, m, log_tau, grid, e, ws, fix=None):
+    """e = exp(z - m) written into e (float32), and every token's bucket (int64 (n, V), in ws); the tokens
+    within 1e-3 of a threshold in u are bucketized exactly (fix = their (positions, buckets), found if None)."""
+    space, c1, inv_h, n0, K = grid
+    n = z.shape[0]
+    u, tmp, j, near = (ws[k][:n] for k in ("u", "tmp", "j", "near"))
+    torch.sub(z, m, out=e)
+    if space == "log":
+        torch.mul(e, inv_h, out=u).add_(c1)
+    e.exp_()
+    if space == "linear":
+        torch.mul(e, inv_h, out=u).add_(c1)
+    u.clamp_(n0 + 0.25, K + 0.25)  # below every positive threshold: bucket n0, and not "near" an integer
+    j.copy_(u)  # trunc: the bucket
+    if fix is None:
+        torch.round(u, out=tmp).sub_(u).abs_()
+        pos = torch.lt(tmp, 1e-3, out=near).view(-1).nonzero()[:, 0]
+        d = z.reshape(-1)[pos].float() - m[pos // z.shape[1], 0]
+        fix = pos, torch.bucketize(d, log_tau, right=True)
+    j.view(-1)[fix[0]] = fix[1]
+    return j, fix
+
+
+# ============================================================================
+# 4. Fast path: the fused, chunked loss behind minpp_loss (== minpp_loss_plain), never (N, V) in memory
+
+
+class _MinPPCrossEntropy(torch.autograd.Function):
+    """Sum over rows of -log q_t, q = softmax(z + log c), chunk by chunk, no (N, V) c kept for backward. With m
+    the row max, d = z - m (log r), e = exp(d), S = sum_v e_v c_v, c_v = prefix[bucket_v], H_j = sum of e over
+    bucket j:  row loss = log S - d_t - log c_t,  dL/dz_v = e_v c_v / S - [v = t],
+    dL/dprefix_j = H_j / S - [t in bucket j] / c_t,  dL/dw_i = sum_{j > i} dL/dprefix_j.  Buckets, exactly:
+    - tokens below the smallest positive threshold share c_low, so S = c_low sum_v e_v + sum_{v above} e_v (c_v -
+      c_low) and only those above are bucketized;
+    - but when more than 1/8 of a chunk's tokens lie above it and the grid is evenly spaced (_uniform_grid),
+      every token's bucket in O(1) instead; H (K + 1 per row) kept for dL/dw, the buckets recomputed in backward.
+    Per-token work in float32; the sums over rows (the loss, dL/dw) accumulate in float64."""
+
+    @staticmethod
+    def _candidates(z, m, log_tau):
+        """(n0, mask of the tokens that may lie above the smallest positive threshold): a cheap test on z with a
+        margin of 1e-3 for rounding; the exact rule is bucketize on d."""
+        n0 = int(torch.isneginf(log_tau).sum())  # thresholds at tau = 0 (at most one)
+        if n0 == log_tau.numel():
+            return n0, torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+        return n0, z >= m + (log_tau[n0] - 1e-3)
+
+    @staticmethod
+    def _above(z, m, log_tau, cand=None):
+        """The tokens with d = z - m >= log tau_min: n0, flat positions, rows, exp(d) and bucket (number of
+        thresholds <= r)."""
+        n0, mask = cand or _MinPPCrossEntropy._candidates(z, m, log_tau)
+        pos = mask.view(-1).nonzero()[:, 0]
+        rows = pos // z.shape[1]
+        d = z.reshape(-1)[pos].float() - m[rows, 0]
+        return n0, pos, rows, d.exp(), torch.bucketize(d, log_tau, right=True)
+
+    @staticmethod
+    def forward(ctx, logits, target, log_tau, w, chunk_rows, n):
+        prefix = prefix_weights(w)
+        grid = _uniform_grid(log_tau)
+        scored = target >= 0  # ignored rows come in as -1
+        t = target.clamp(min=0)
+        total = logits.new_zeros((), dtype=torch.float64)  # finite row losses whose float32 sum would overflow
+        stats = []
+        buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
+        ws = None  # the dense path's buffers, made when a chunk first needs them
+        for s in range(0, logits.shape[0], chunk_rows):
+            z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
+            m = _row_max(z, s).float()  # the max is exact in any dtype: no float32 copy of the chunk
+            e = buf[:z.shape[0]]
+            cand = _MinPPCrossEntropy._candidates(z, m, log_tau)
+            if grid and int(torch.count_nonzero(cand[1])) > z.numel() // 8:  # many above tau_min: O(1) buckets
+                ws = ws or _bucket_workspace(buf)
+                j, fix = _dense_buckets(z, m, log_tau, grid, e, ws)
+                hist = torch.zeros(z.shape[0], prefix.numel(), device=z.device).scatter_add_(1, j, e)  # (n, K+1)
+                S, keep = hist @ prefix, ("dense", hist, fix)
+            else:  # few tokens above tau_min (or no even grid): bucketize those only
+                e_sum = torch.sub(z, m, out=e).exp_().sum(-1)
+                n0, pos, rows, e_pos, bucket = above = _MinPPCrossEntropy._above(z, m, log_tau, cand)
+                S = prefix[n0] * e_sum
+                S.index_add_(0, rows, e_pos * (prefix[bucket] - prefix[n0]))
+                # keep the tokens above tau_min for backward unless they are many (flat distributions)
+                keep = ("sparse", e_sum, above if pos.numel() <= z.numel() // 8 else None)
+            d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]
+            row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()
+            total = total + row_loss[sc].double().sum()
+            stats.append((m, S, d_t, keep))
+        ctx.save_for_backward(logits, t, scored, log_tau, w)
+        ctx.stats, ctx.chunk_rows, ctx.grid, ctx.n = stats, chunk_rows, grid, n
+        return (total / n).float()  # the mean over the n scored rows
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, t, scored, log_tau, w = ctx.saved_tensors
+        prefix = prefix_weights(w)
+        want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
+        g_prefix = torch.zeros_like(prefix, dtype=torch.float64)  # K + 1 sums of up to N V terms: float64
+        ws = _bucket_workspace(logits[:ctx.chunk_rows]) if want_z and any(
+            k[0] == "dense" for *_, k in ctx.stats) else None
+        for (m, S, d_t, keep), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
+            z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
+            g_row = scored[s:s + ctx.chunk_rows].float() * (grad_total / ctx.n)  # (n,) d mean / d row loss
+            scale = g_row / S
+            if want_w:
+                b_t = torch.bucketize(d_t, log_tau, right=True)
+                g_prefix.index_add_(0, b_t, (-g_row / prefix[b_t]).double())
+            g = grad_z[s:s + ctx.chunk_rows] if want_z else None
+            if keep[0] == "dense":
+                _, hist, fix = keep
+                if want_w:
+                    g_prefix += scale.double() @ hist.double()
+                if want_z:  # g = e c scale, c from the buckets recomputed (the near ones as in forward)
+                    j, _ = _dense_buckets(z, m, log_tau, ctx.grid, g, ws, fix)
+                    c = torch.index_select(prefix, 0, j.view(-1), out=ws["u"][:z.shape[0]].view(-1))
+                    g.mul_(c.view(g.shape)).mul_(scale[:, None])
+            else:
+                _, e_sum, above = keep
+                n0, pos, rows, e_pos, bucket = above or _MinPPCrossEntropy._above(z, m, log_tau)
+                if want_w:  # every token starts in bucket n0 (c_low); the ones above move to their own bucket
+                    g_prefix[n0] += (e_sum * scale).double().sum() - (e_pos * scale[rows]).double().sum()
+                    g_prefix.index_add_(0, bucket, (e_pos * scale[rows]).double())
+                if want_z:  # q - onehot, scaled, in place in grad_z
+                    torch.sub(z, m, out=g).exp_().mul_((prefix[n0] * scale)[:, None])
+                    g.view(-1).index_add_(0, pos, e_pos * (prefix[bucket] - prefix[n0]) * scale[rows])
+            if want_z:
+                g.scatter_add_(1, tc[:, None], -g_row[:, None])
+        grad_w = torch.flip(torch.cumsum(torch.flip(g_prefix, [0]), 0), [0])[1:].to(w.dtype) if want_w else None
+        return grad_z.to(logits.dtype) if want_z else None, None, None, grad_w, None, None
+
+
+# ============================================================================
+# 5. The classic samplers: temperature, then top-k, top-p, min-p (transformers' order)
+
+
+def apply_temperature(logits, temperature):
+    """(z - max z) / T in float32: softmax(z / T) with the row max shifted to 0, so a tiny T never overflows
+    (T -> 0 tends to argmax, ties shared; do_sample=False is argmax). T must be finite and > 0."""
+    T = _real("temperature", temperature, 0, math.inf, lo_open=True)
+    z = _check_logits(logits)
+    return (z - z.amax(-1, keepdim=True)) / T
+
+
+def _renormalise(p, keep):
+    q = torch.where(keep, p, 0.0)
+    return q.div_(q.sum(-1, keepdim=True))
+
+
+def apply_top_k(probs, k):
+    """Keep p_v >= the k-th largest p (all ties with the k-th are kept: order-free), renormalise. float32."""
+    if _real("top_k", k, 1, math.inf) != int(k):
+        raise ValueError(f"top_k must be a whole number >= 1, got {k!r}")
+    p = _check_probs(probs)
+    kth = torch.topk(p, min(int(k), p.shape[-1]), dim=-1).values[..., -1:]
+    return _renormalise(p, p >= kth)
+
+
+def apply_top_p(probs, top_p):
+    """Nucleus: keep the smallest prefix (by descending p) with mass >= top_p, i.e. token i of the sorted
+    order is kept iff s_1 + ... + s_(i-1) < top_p (an exclusive cumsum, shifted, not cumsum - s: that rounds);
+    tokens tied with the last kept one are kept too (order-free). top_p = 1 keeps every token (a float32
+    cumsum reaches 1.0 before the tail). float32, renormalised; the most likely token is always kept."""
+    top_p = _real("top_p", top_p, 0, 1, lo_open=True)
+    p = _check_probs(probs)
+    p = p / p.sum(-1, keepdim=True)
+    if top_p == 1:
+        return p
+    s = torch.sort(p, dim=-1, descending=True).values  # (N, V)
+    before = F.pad(torch.cumsum(s, -1)[..., :-1], (1, 0))  # mass strictly before each sorted token
+    kept = (before < top_p).sum(-1, keepdim=True)  # >= 1: before[0] = 0
+    return _renormalise(p, p >= s.gather(-1, kept - 1))
+
+
+def apply_min_p(probs, p_base):
+    """Keep p_v >= p_base * max p (r_v >= p_base up to rounding; the boundary token is kept), renormalise.
+    float32."""
+    p_base = _real("p_base (min_p)", p_base, 0, 1)
+    p = _check_probs(probs)
+    return _renormalise(p, p >= p_base * p.amax(-1, keepdim=True))
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, minpp=None, check=True):
+    """The sampling distribution: softmax(z / T), then top-k, top-p, min-p, MinP+ (tau, w), each renormalised.
+    The order is transformers' (temperature, top-k, top-p, min-p); vLLM applies min-p before top-k/top-p,
+    which differs when filters are combined. float32 (N, V). check: as in minpp_probs."""
+    p = torch.softmax(apply_temperature(logits, temperature), -1)  # (N, V)
+    for apply, x in ((apply_top_k, top_k), (apply_top_p, top_p), (apply_min_p, min_p)):  # in this order
+        p = p if x is None else apply(p, x)
+    return p if minpp is None else minpp_probs(p, *minpp, check=check)
+
+
+def next_token(logits, do_sample=True, generator=None, **filters):
+    """(N,) token ids: argmax of the logits when do_sample is False (every filter keeps the argmax, and MinP+
+    never lowers it: q/p grows with r), otherwise a draw from next_token_probs(logits, **filters)."""
+    if not do_sample:
+        _check_logits(logits)
+        return logits.float().argmax(-1)
+    return torch.multinomial(next_token_probs(logits, **filters), 1, generator=generator)[:, 0]
 
 
 # ============================================================================
@@ -704,8 +706,7 @@ def _check_stats(stats, tau=None):
 
 
 def _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows):
-    """(scored rows, their number, chunk_rows) for minpp_loss and band_statistics (w None: tau alone) after checking
-    shapes, dtypes and values."""
+    """(N,) mask of the scored rows, for minpp_loss / band_statistics (w None: tau alone), after checking the inputs."""
     if not (torch.is_tensor(logits) and torch.is_tensor(target)) or logits.dim() != 2 \
             or target.shape != logits.shape[:1]:
         raise ValueError(f"logits must be an (N, V) tensor and target (N,), got {getattr(logits, 'shape', logits)!r} "
@@ -723,7 +724,7 @@ def _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows):
                          f"ignore_index={ignore_index}")
     if not scored.any():
         raise ValueError(f"every target equals ignore_index={ignore_index}: there is nothing to score")
-    return scored, int(scored.sum()), chunk_rows or max(1, 2 ** 22 // logits.shape[1])
+    return scored
 
 
 def _check_probs(probs):

@@ -1573,7 +1573,7 @@ def test_loss_fast_path_buckets_like_bucketize(grid):
     z[:, 1:tau.numel()] = z[:, :1] + log_tau[1:]  # d exactly log tau (z[:, 0] is the max)
     z[:, -1] = -1e30
     m = z.amax(-1, keepdim=True)
-    grid_ = ref.uniform_grid(log_tau)
+    grid_ = ref._uniform_grid(log_tau)
     assert grid_ is not None and grid_[0] == grid
     e = torch.empty_like(z)
     j, fix = ref._dense_buckets(z, m, log_tau, grid_, e, ref._bucket_workspace(z))
