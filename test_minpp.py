@@ -1089,7 +1089,8 @@ def constant_lm():
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)).eval()
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                         bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()  # no eos to stop at
     model.lm_head.register_forward_hook(lambda m, i, out: torch.zeros_like(out) + model.z.to(out.dtype))
     return model
 
