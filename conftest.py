@@ -221,6 +221,11 @@ def pytest_report_header(config):
            [f"hypothesis profile: {settings._current_profile}"]
 
 
+def _clause_order(cid):
+    """L2.1 < L10.1: clause ids sorted by their numbers."""
+    return [int(x) for x in cid[1:].split(".")]
+
+
 def _api(part):
     """The public functions a part's clauses name (module-level declarations such as PROJECTION are optional)."""
     return sorted({a for c, v in CLAUSES.items() if c.startswith(part) for a in v["api"] if not a.isupper()})
@@ -240,14 +245,14 @@ def pytest_sessionfinish(session, exitstatus):
         tr.write_line("")
         tr.write_line(f"{name} against SPEC.md part {part} (clause: passed / failed / skipped; not provided):")
         width = max(len(CLAUSES[cid]["title"]) for cid in by_clause)
-        for cid in sorted(by_clause, key=lambda c: [int(x) for x in c[1:].split(".")]):
+        for cid in sorted(by_clause, key=_clause_order):
             n, c = by_clause[cid], CLAUSES[cid]
             missing = [a for a in c["api"] if not a.isupper() and not hasattr(module, a)]
             tr.write_line(f"  {cid:6s} {c['title']:{width}s} {c['tier']:6s} {n['passed']:4d} / {n['failed']:2d} / "
                           f"{n['skipped']:3d}" + (f"; not provided: {', '.join(missing)}" if missing else ""))
         impl_opt = f" --{kind}-impl {name}" if kind in _candidates(session.config) else ""
         failed = _FAILED.get(kind, {})
-        for cid in sorted(failed, key=lambda c: [int(x) for x in c[1:].split(".")]):
+        for cid in sorted(failed, key=_clause_order):
             failures = failed[cid]
             nodeid, msg = failures[0]  # one line per failed clause: its first failure, and how many more
             more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""

@@ -259,11 +259,10 @@ class Progress:
 
     def _line(self):
         with self.lock:
-            now, t0 = time.time(), self.marks[0][0]
+            now, (then, done_then) = time.time(), self.marks[0]
             if self.total is None:
-                text = f"{self.desc}: {_duration(now - t0)} so far"
+                text = f"{self.desc}: {_duration(now - then)} so far"
             else:
-                then, done_then = self.marks[0]
                 rate = (self.done - done_then) / max(now - then, 1e-9)
                 eta = (self.total - self.done) / rate if rate > 0 else math.inf
                 pct = 100 * self.done / max(self.total, 1)
