@@ -13,11 +13,11 @@ randomly projected to proj_dim, L2-normalised, and matched against validation gr
 Unlike the original, the projection P is a pure function of (seed, row, column) -- identical for every block size,
 batch split and device -- and every stored feature row stays tied to its sample id by a checksum.
 
-Reading order: 1. the method -- less_scores (all of it, in memory), then its parts in plain torch: gradient features,
-per-example gradients, the projection (R from its per-entry rule, x @ R / sqrt(k)), scores and selection; 2. fast
-paths (torch.func gradients, R generated block by block, features slice by slice and buffer by buffer); 3. machinery
-(optimizer files, storage, sharding, resume, matching files, DataFlex's dynamic selection); 4. data preparation;
-5. input checks. The tools are in cli/less.py. Imports with torch alone.
+Reading order: 1. the method -- less_scores (all of it, in memory; plain=True: the definitions only), then its parts
+in the order it uses them: the projection P (R from its per-entry rule; project, the block-by-block fast path, right
+after), per-example gradients (the loop; torch.func's vmap right after), Adam features, scores and selection;
+2. machinery (features in bounded memory, optimizer files, storage, sharding, resume, matching files, DataFlex's
+dynamic selection); 3. data preparation; 4. input checks. The tools are in cli/less.py. Imports with torch alone.
 Precision: all arithmetic is float32 whatever the input dtype; features and scores are float32.
 """
 import contextlib
@@ -34,92 +34,66 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["less_scores", "adam_features", "gradient_features", "trainable_parameters", "example_gradients",
-           "projection_matrix", "project_plain", "Projection", "PROJECTION", "PROJECTION_KINDS", "SJLT_S",
-           "influence_scores", "select_top", "project", "projected_features", "trainer_param_order", "adam_state",
-           "checkpoint_weights_from_trainer_state", "model_fingerprint", "load_features", "shard_positions",
-           "collect_features", "merge_features", "match", "select_step", "encode_example", "check_examples"]
+__all__ = ["less_scores", "Projection", "PROJECTION", "PROJECTION_KINDS", "SJLT_S", "project_plain", "project",
+           "projection_matrix", "example_gradients", "trainable_parameters", "adam_features", "influence_scores",
+           "select_top", "gradient_features", "projected_features", "trainer_param_order", "adam_state",
+           "model_fingerprint", "checkpoint_weights_from_trainer_state", "load_features", "Progress",
+           "shard_positions", "collect_features", "merge_features", "match", "select_step", "encode_example",
+           "check_examples"]
 
 
 # ============================================================================
-# 1. The method
-def less_scores(model, checkpoints, train, val, projection=None, n_subtasks=1):
+# 1. The method, each fast path right after the plain form it must equal (up to float32 summation order)
+def less_scores(model, checkpoints, train, val, projection=None, n_subtasks=1, plain=False):
     """The whole method in memory, float32 (N,). checkpoints: (weights, (exp_avg, exp_avg_sq), eta) per warm-up
     checkpoint: weights a state_dict with the model's own names holding every trainable parameter (None: the model
     as it is), moments (D,) each as adam_state lays them. Adam features of train, SGD gradients of val, projected
-    (default Projection()), eta-weighted cosine, mean per subtask, max over subtasks. Holds (N, D) gradients:
-    collect_features + match compute the same in bounded memory."""
+    (default Projection()), eta-weighted cosine, mean per subtask, max over subtasks. plain=True: the definitions
+    (a backward per example, R whole), which the fast default equals. Holds (N, D) gradients: collect_features +
+    match compute the same in bounded memory."""
     projection = projection or Projection()
-    t_feats, v_feats = [], []
+    _check_model_inputs(model, train, val)
+    t_feats, v_feats = [], []  # per checkpoint: (N, k), (M, k)
     for i, (weights, moments, _) in enumerate(checkpoints):
         if weights is not None:
             _check_weights(model, weights, i)
             model.load_state_dict(weights, strict=False)
-        grads = example_gradients(model, train)  # (N, D)
+        grads = example_gradients(model, train, vmap=not plain, check=False)  # (N, D)
         _check_moments(moments, grads.shape[1], f"checkpoint {i}")
-        t_feats.append(projection(adam_features(grads, *moments)))
-        v_feats.append(projection(example_gradients(model, val)))  # validation: plain ("sgd") gradients
-    return influence_scores(t_feats, v_feats, [eta for *_, eta in checkpoints], n_subtasks)
-
-
-# --- gradient features
-def adam_features(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=1e-8, eps_outside=False):
-    """Gamma = m_hat / sqrt(v_hat + eps) (LESS: eps INSIDE the root, no bias correction, no lr), float32.
-    grad is (D,) or (N, D) in any float dtype; the moments are (D,). eps_outside=True gives DataFlex's
-    m_hat / (sqrt(v_hat) + eps) instead -- a different feature, so it must be asked for explicitly."""
-    if exp_avg.shape != grad.shape[-1:] or exp_avg_sq.shape != grad.shape[-1:]:
-        raise ValueError(f"exp_avg {tuple(exp_avg.shape)} and exp_avg_sq {tuple(exp_avg_sq.shape)} must be "
-                         f"({grad.shape[-1]},), one entry per gradient coordinate (grad {tuple(grad.shape)})")
-    g, m, v = grad.float(), exp_avg.float(), exp_avg_sq.float()
-    m_hat = beta1 * m + (1 - beta1) * g
-    v_hat = beta2 * v + (1 - beta2) * g * g
-    return m_hat / (v_hat.sqrt() + eps) if eps_outside else m_hat / torch.sqrt(v_hat + eps)
-
-
-def gradient_features(grads, grad_type, adam_state=None, eps_outside=False):
-    """'sgd': g (validation); 'sign': sign(g); 'adam': adam_features(g, m, v) with adam_state = (m, v). float32."""
-    if grad_type in ("sgd", "sign"):
-        return grads.float() if grad_type == "sgd" else torch.sign(grads.float())
-    if grad_type == "adam" and adam_state is not None:
-        return adam_features(grads, *adam_state, eps_outside=eps_outside)
-    raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state (exp_avg, exp_avg_sq)"
-                     if grad_type == "adam" else f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
-
-
-# --- per-example gradients
-def trainable_parameters(model):
-    """[(name, param)] with requires_grad, in named_parameters() order: the gradient vector's layout."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def _as_long(x):
-    return torch.as_tensor(x, dtype=torch.long)
-
-
-def example_gradients(model, examples, vmap=True):
-    """(B, D) float32 gradients of the HF causal-LM loss (mean CE over labels != -100) per example (a dict with
-    'id', 'input_ids', 'labels'), over trainable_parameters(model), in eval mode (dropout must not change features).
-    vmap=False: the definition, one backward per example (the original's batch size 1); vmap=True: the batched
-    fast path of section 2 (_vmap_gradients), equal up to float rounding."""
-    _check_model_inputs(model, examples)
-    params = trainable_parameters(model)  # [(name, param)]: the gradient's layout
-    model.eval()
-    if vmap:
-        return _vmap_gradients(model, examples, params)
-    rows, dev = [], params[0][1].device
-    for ex in examples:
-        ids, labels = _as_long(ex["input_ids"])[None].to(dev), _as_long(ex["labels"])[None].to(dev)
-        loss = model(input_ids=ids, labels=labels).loss
-        rows.append(torch.cat([g.reshape(-1).float() for g in torch.autograd.grad(loss, [p for _, p in params])]))
-    return torch.stack(rows)
+        t_feats.append(projection(adam_features(grads, *moments), plain=plain))  # (N, k)
+        v_feats.append(projection(example_gradients(model, val, not plain, False), plain=plain))  # (M, k): SGD
+    return influence_scores(t_feats, v_feats, [eta for *_, eta in checkpoints], n_subtasks)  # (N,)
 
 
 # --- the random projection: R's entries from a per-entry rule, y = x @ R / scale
 PROJECTION = "rademacher-fmix32-v1"
 PROJECTION_KINDS = {"rademacher": PROJECTION, "sjlt": "sjlt-fmix32-v1"}
 SJLT_S = 4  # sjlt's nonzeros per input coordinate (projection_matrix); s = 4 matches the dense kind (RESULTS.md)
-_M32 = 0xFFFFFFFF
-GRAD_BUFFER_BYTES = int(os.environ.get("LESS_GRAD_BUFFER_BYTES", 2 ** 31))  # gradients projected at once: 2 GiB
+
+
+class Projection(NamedTuple):
+    """What defines R, passed as one value; a feature file records its identity and features of different
+    identities are never matched. Projection(...)(x, row_offset) = project(x, ..., row_offset); plain=True:
+    project_plain; check=False: arguments already checked (projected_features' slices)."""
+    proj_dim: int = 8192
+    seed: int = 0
+    kind: str = "rademacher"
+    s: int = SJLT_S
+
+    def __call__(self, x, row_offset=0, plain=False, check=True):
+        args = x, self.proj_dim, self.seed, row_offset, self.kind, self.s
+        return project_plain(*args) if plain else project(*args, check=check)
+
+    def identity(self, grad_dim):
+        return {"projection": PROJECTION_KINDS[self.kind], "grad_dim": grad_dim, "proj_dim": self.proj_dim,
+                "seed": self.seed, **({"sjlt_s": self.s} if self.kind == "sjlt" else {})}
+
+
+def project_plain(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S):
+    """y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim) for x (N, D) or (D,): the definition,
+    R whole in memory. project, below, computes the same block by block, for any D."""
+    y = x.float().reshape(-1, x.shape[-1]) @ projection_matrix(x.shape[-1], proj_dim, seed, row_offset, kind, s)
+    return y[0] if x.dim() == 1 else y  # (N, k) or (k,)
 
 
 def projection_matrix(nrows, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S):
@@ -128,30 +102,29 @@ def projection_matrix(nrows, proj_dim, seed=0, row_offset=0, kind="rademacher", 
     scale sqrt(k). 'sjlt' (Kane & Nelson's blocks): row i has s nonzeros, one in each column block t = 0..s-1
     (columns [t k / s, (t + 1) k / s)): the word w = _words(i * s + t) of its own seed stream places it at column
     t k / s + (w >> 1) mod (block width), sign from bit 0 of w, scale sqrt(s). The definition (project: fast path)."""
-    _check_projection_args(proj_dim, seed, kind, s)
-    _check_rows(row_offset, nrows, (proj_dim + 31) // 32 if kind == "rademacher" else s)
-    rows = torch.arange(row_offset, row_offset + nrows, dtype=torch.int64)[:, None]
-    if kind == "rademacher":
-        j = torch.arange(proj_dim, dtype=torch.int64)
-        words = _words(rows * ((proj_dim + 31) // 32) + j // 32, *_seeds(seed, 0))  # (nrows, k)
-        return (1 - 2 * ((words >> (j % 32)) & 1)).float() / math.sqrt(proj_dim)
-    t = torch.arange(s, dtype=torch.int64)
-    start = t * proj_dim // s
-    words = _words(rows * s + t, *_seeds(seed, 0x51A7))  # (nrows, s)
-    cols = start + (words >> 1) % ((t + 1) * proj_dim // s - start)
-    return torch.zeros(nrows, proj_dim).scatter_(1, cols, (1 - 2 * (words & 1)).float() / math.sqrt(s))
+    _check_projection_args(proj_dim, seed, kind, s, rows=(row_offset, nrows))
+    if kind == "sjlt":
+        cols, signs = _sjlt_rows(seed, row_offset, nrows, proj_dim, s)  # (nrows, s) each
+        return torch.zeros(nrows, proj_dim).scatter_(1, cols, signs / math.sqrt(s))  # (nrows, k)
+    rows = torch.arange(row_offset, row_offset + nrows, dtype=torch.int64)[:, None]  # (nrows, 1)
+    j = torch.arange(proj_dim, dtype=torch.int64)  # (k,)
+    words = _words(rows * ((proj_dim + 31) // 32) + j // 32, *_seeds(seed, 0))  # (nrows, k)
+    return (1 - 2 * ((words >> (j % 32)) & 1)).float() / math.sqrt(proj_dim)  # (nrows, k)
 
 
-def project_plain(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S):
-    """y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim) for x (N, D) or (D,): the definition,
-    R whole in memory. project (section 2) computes the same block by block, for any D."""
-    y = x.float().reshape(-1, x.shape[-1]) @ projection_matrix(x.shape[-1], proj_dim, seed, row_offset, kind, s)
-    return y[0] if x.dim() == 1 else y
+def _sjlt_rows(seed, row0, nrows, proj_dim, s, device="cpu"):
+    """sjlt's rows [row0, row0 + nrows) as (columns, signs), (nrows, s) each, on a device (projection_matrix's rule)."""
+    rows = torch.arange(row0, row0 + nrows, dtype=torch.int64, device=device)  # (nrows,)
+    t = torch.arange(s, dtype=torch.int64, device=device)  # (s,)
+    start = t * proj_dim // s  # (s,) block t: columns [t k / s, (t + 1) k / s)
+    words = _words(rows[:, None] * s + t, *_seeds(seed, 0x51A7))  # (nrows, s)
+    return start + (words >> 1) % ((t + 1) * proj_dim // s - start), (1 - 2 * (words & 1)).float()  # (n, s)
 
 
-def _mul32(h, c):
-    """(h * c) mod 2^32 for 0 <= h, c < 2^32, split so that int64 never overflows (CPU == CUDA, bit for bit)."""
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+def _words(counter, s1, s2):
+    """32 random bits per int64 counter c = hi * 2^32 + lo: fmix32(fmix32(lo ^ s1) ^ hi ^ s2). Distinct counters are
+    distinct hash inputs for every c < 2^63 (nothing is dropped from the counter)."""
+    return _fmix32(_fmix32((counter & 0xFFFFFFFF) ^ s1) ^ (counter >> 32) ^ s2)
 
 
 def _fmix32(h):
@@ -163,58 +136,137 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-def _words(counter, s1, s2):
-    """32 random bits per int64 counter c = hi * 2^32 + lo: fmix32(fmix32(lo ^ s1) ^ hi ^ s2). Distinct counters are
-    distinct hash inputs for every c < 2^63 (nothing is dropped from the counter)."""
-    return _fmix32(_fmix32((counter & _M32) ^ s1) ^ (counter >> 32) ^ s2)
+def _mul32(h, c):
+    """(h * c) mod 2^32 for 0 <= h, c < 2^32, split so that int64 never overflows (CPU == CUDA, bit for bit)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
 
 
 def _seeds(seed, salt):
     return _fmix32(seed ^ 0x9E3779B9 ^ salt), _fmix32(seed ^ 0x7F4A7C15 ^ salt)
 
 
-class Projection(NamedTuple):
-    """What defines R, passed as one value; a feature file records its identity and features of different
-    identities are never matched. Projection(...)(x, row_offset) = project(x, ..., row_offset)."""
-    proj_dim: int = 8192
-    seed: int = 0
-    kind: str = "rademacher"
-    s: int = SJLT_S
+def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, block_rows=None, check=True):
+    """project_plain's y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim), with R generated
+    block_rows rows at a time on x's device, never whole: 'rademacher' (the paper's) by x_block @ R_block (addmm),
+    'sjlt' (an option, as in dattri) by adding each x_i with its s signs into its s columns (index_add_), O(D s) per
+    example; s = 4 matches the dense kind's distortion on gradients (RESULTS.md). row_offset: x holds rows
+    [row_offset, row_offset + D) of a gradient, so slices (per layer, an FSDP shard) project separately and sum to
+    the whole. Equal up to float32 summation order for every block size, batch, slice and device."""
+    if x.dim() not in (1, 2):
+        raise ValueError(f"x must be (N, D) or (D,), got shape {tuple(x.shape)}")
+    squeeze, (N, D) = x.dim() == 1, x.reshape(-1, x.shape[-1]).shape
+    x = x[None] if squeeze else x  # (N, D)
+    if check:
+        _check_projection_args(proj_dim, seed, kind, s, block_rows, rows=(row_offset, D))
+    out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)  # (N, k)
+    if kind == "rademacher":
+        block_rows = block_rows or max(1, 2 ** 24 // proj_dim)  # 64 MiB of R a block
+        for r0 in range(0, D, block_rows):
+            nr = min(block_rows, D - r0)
+            out.addmm_(x[:, r0:r0 + nr].float(), _rademacher_rows(seed, row_offset + r0, nr, proj_dim, x.device))
+        return (out[0] if squeeze else out).div_(math.sqrt(proj_dim))  # (N, k) or (k,)
+    out_t = out.T  # (k, N) view: index_add_ adds whole rows of N contiguous values
+    block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
+    for r0 in range(0, D, block_rows):
+        nr = min(block_rows, D - r0)
+        cols, signs = _sjlt_rows(seed, row_offset + r0, nr, proj_dim, s, x.device)  # (nr, s) each, on x's device
+        xt = x[:, r0:r0 + nr].T.float()  # (nr, N)
+        out_t.index_add_(0, cols.reshape(-1), (xt[:, None, :] * signs[..., None]).reshape(-1, N))  # (nr s, N) added
+    return (out[0] if squeeze else out).div_(math.sqrt(s))  # (N, k) or (k,)
 
-    def __call__(self, x, row_offset=0):
-        return project(x, self.proj_dim, self.seed, row_offset, self.kind, self.s)
 
-    def identity(self, grad_dim):
-        ident = {"projection": PROJECTION_KINDS[self.kind], "grad_dim": grad_dim, "proj_dim": self.proj_dim,
-                 "seed": self.seed}
-        return dict(ident, sjlt_s=self.s) if self.kind == "sjlt" else ident
+def _rademacher_rows(seed, row0, nrows, proj_dim, device="cpu"):
+    """projection_matrix's dense rows [row0, row0 + nrows) * sqrt(k), float32, on a device: the same words, each
+    spread into 32 signs by a byte lookup table (4 lookups, not 32 shifts)."""
+    W = (proj_dim + 31) // 32
+    rows = torch.arange(row0, row0 + nrows, device=device, dtype=torch.int64)  # (nrows,)
+    words = _words(rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64), *_seeds(seed, 0))  # (n, W)
+    byte = (words[..., None] >> torch.arange(0, 32, 8, device=device)) & 0xFF  # (nrows, W, 4)
+    table = 1 - 2 * ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).float()
+    return table.index_select(0, byte.reshape(-1)).reshape(nrows, W * 32)[:, :proj_dim]  # (256, 8) -> (nrows, k)
+
+
+# --- per-example gradients
+def example_gradients(model, examples, vmap=True, check=True):
+    """(B, D) float32 gradients of the HF causal-LM loss (mean CE over labels != -100) per example (a dict with
+    'id', 'input_ids', 'labels'), over trainable_parameters(model), in eval mode (dropout must not change features).
+    vmap=False: the definition, one backward per example (the original's batch size 1); vmap=True: the batched
+    fast path (_vmap_gradients, right below), equal up to float rounding. check=False: examples already checked."""
+    if check:
+        _check_model_inputs(model, examples)
+    params = trainable_parameters(model)  # [(name, param)]: the gradient's layout
+    model.eval()
+    if vmap:
+        return _vmap_gradients(model, examples, params)
+    rows, dev = [], params[0][1].device
+    for ex in examples:
+        ids, labels = _as_long(ex["input_ids"])[None].to(dev), _as_long(ex["labels"])[None].to(dev)  # (1, T) each
+        loss = model(input_ids=ids, labels=labels).loss  # scalar
+        rows.append(torch.cat([g.reshape(-1).float() for g in torch.autograd.grad(loss, [p for _, p in params])]))
+    return torch.stack(rows)  # (B, D)
+
+
+def trainable_parameters(model):
+    """[(name, param)] with requires_grad, in named_parameters() order: the gradient vector's layout."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _vmap_gradients(model, examples, params):
+    """example_gradients with torch.func over a right-padded batch, padding labelled -100 and no attention mask:
+    causal attention never lets a real token see the padding after it, so each row equals the loop up to rounding."""
+    from torch.func import functional_call, grad, vmap
+    from torch.nn.utils.rnn import pad_sequence
+    dev = params[0][1].device  # right padding: ids 0, labels -100
+    ids = pad_sequence([_as_long(ex["input_ids"]) for ex in examples], batch_first=True).to(dev)  # (B, T)
+    labels = pad_sequence([_as_long(ex["labels"]) for ex in examples], batch_first=True, padding_value=-100).to(dev)
+    loss_fn = lambda p, i, lab: functional_call(model, p, (), {"input_ids": i[None], "labels": lab[None]}).loss  # noqa
+    g = vmap(grad(loss_fn), in_dims=(None, 0, 0))({n: p.detach() for n, p in params}, ids, labels)  # {name: (B, ...)}
+    return torch.cat([g[n].reshape(len(examples), -1).float() for n, _ in params], 1)  # (B, D)
+
+
+def _as_long(x):
+    return torch.as_tensor(x, dtype=torch.long)
+
+
+# --- gradient features
+def adam_features(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=1e-8, eps_outside=False):
+    """Gamma = m_hat / sqrt(v_hat + eps) (LESS: eps INSIDE the root, no bias correction, no lr), float32.
+    grad is (D,) or (N, D) in any float dtype; the moments are (D,). eps_outside=True gives DataFlex's
+    m_hat / (sqrt(v_hat) + eps) instead -- a different feature, so it must be asked for explicitly."""
+    if exp_avg.shape != grad.shape[-1:] or exp_avg_sq.shape != grad.shape[-1:]:
+        raise ValueError(f"exp_avg {tuple(exp_avg.shape)} and exp_avg_sq {tuple(exp_avg_sq.shape)} must be "
+                         f"({grad.shape[-1]},), one entry per gradient coordinate (grad {tuple(grad.shape)})")
+    g, m, v = grad.float(), exp_avg.float(), exp_avg_sq.float()  # (N, D), (D,), (D,)
+    m_hat = beta1 * m + (1 - beta1) * g  # (N, D)
+    v_hat = beta2 * v + (1 - beta2) * g * g  # (N, D)
+    return m_hat / (v_hat.sqrt() + eps) if eps_outside else m_hat / torch.sqrt(v_hat + eps)  # (N, D)
 
 
 # --- matching and selection
-def _normalise_rows(x, what):
-    """x / |x| per row in float32, divided by the row's max |entry| first so that norms of rows with 1e20 or
-    1e-30 entries neither overflow nor underflow. A zero or non-finite row is an error naming it."""
-    x = x.float()
-    bad, zero = ~torch.isfinite(x).all(-1), (x == 0).all(-1)
-    if bad.any() or zero.any():
-        i = (bad | zero).nonzero()[0].item()
-        raise ValueError(f"{what} row {i} " + ("has a non-finite entry" if bad[i] else "is all zeros: no direction"))
-    x = x / x.abs().amax(-1, keepdim=True)
-    return x / x.norm(dim=-1, keepdim=True)
-
-
 def influence_scores(train, val, checkpoint_weights=None, n_subtasks=1):
     """score_n = max_s mean_{m in subtask s} sum_i eta_i <t_in / |t_in|, v_im / |v_im|>, float32 (N,).
     train, val: (N, k) / (M, k) tensors or lists of them, one per checkpoint; eta (default uniform) renormalised
     to sum 1; validation rows form n_subtasks contiguous, equal-sized subtasks."""
     train, val = ([x] if torch.is_tensor(x) else list(x) for x in (train, val))
-    _check_influence_inputs(train, val, checkpoint_weights, n_subtasks)
     eta = torch.as_tensor([1.0] * len(train) if checkpoint_weights is None else checkpoint_weights, dtype=torch.float64)
+    _check_influence_inputs(train, val, eta, n_subtasks)
     sim = 0  # (N, M): sum_i eta_i / sum(eta) cos(t_in, v_im)
     for i, (t, v) in enumerate(zip(train, val)):
         cos = _normalise_rows(t, f"checkpoint {i} train") @ _normalise_rows(v, f"checkpoint {i} val").T  # (N, M)
-        sim = sim + (eta[i] / eta.sum()).item() * cos
+        sim = sim + (eta[i] / eta.sum()).item() * cos  # (N, M)
     return sim.reshape(sim.shape[0], n_subtasks, -1).mean(-1).amax(-1)  # (N, S, M / S) -> (N,)
+
+
+def _normalise_rows(x, what):
+    """x / |x| per row in float32, divided by the row's max |entry| first so that norms of rows with 1e20 or
+    1e-30 entries neither overflow nor underflow. A zero or non-finite row is an error naming it."""
+    x = x.float()  # (N, k)
+    bad, zero = ~torch.isfinite(x).all(-1), (x == 0).all(-1)  # (N,) each
+    if bad.any() or zero.any():
+        i = (bad | zero).nonzero()[0].item()
+        raise ValueError(f"{what} row {i} " + ("has a non-finite entry" if bad[i] else "is all zeros: no direction"))
+    x = x / x.abs().amax(-1, keepdim=True)  # (N, k), max |entry| 1
+    return x / x.norm(dim=-1, keepdim=True)  # (N, k), unit rows
 
 
 def select_top(scores, fraction=None, k=None):
@@ -225,411 +277,7 @@ def select_top(scores, fraction=None, k=None):
 
 
 # ============================================================================
-# 2. Fast paths, each equal to the plain form above up to float32 summation order
-def _vmap_gradients(model, examples, params):
-    """example_gradients with torch.func over a right-padded batch, padding labelled -100 and no attention mask:
-    causal attention never lets a real token see the padding after it, so each row equals the loop up to rounding."""
-    from torch.func import functional_call, grad, vmap
-    from torch.nn.utils.rnn import pad_sequence
-    dev = params[0][1].device  # right padding: ids 0, labels -100
-    ids = pad_sequence([_as_long(ex["input_ids"]) for ex in examples], batch_first=True).to(dev)  # (B, T)
-    labels = pad_sequence([_as_long(ex["labels"]) for ex in examples], batch_first=True, padding_value=-100).to(dev)
-    loss_fn = lambda p, i, lab: functional_call(model, p, (), {"input_ids": i[None], "labels": lab[None]}).loss  # noqa
-    g = vmap(grad(loss_fn), in_dims=(None, 0, 0))({n: p.detach() for n, p in params}, ids, labels)
-    return torch.cat([g[n].reshape(len(examples), -1).float() for n, _ in params], 1)  # (B, D)
-
-
-def _rademacher_rows(seed, row0, nrows, proj_dim, device="cpu"):
-    """projection_matrix's dense rows [row0, row0 + nrows) * sqrt(k), float32, on a device: the same words, each
-    spread into 32 signs by a byte lookup table (4 lookups, not 32 shifts)."""
-    W = (proj_dim + 31) // 32
-    rows = torch.arange(row0, row0 + nrows, device=device, dtype=torch.int64)
-    words = _words(rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64), *_seeds(seed, 0))  # (n, W)
-    byte = (words[..., None] >> torch.arange(0, 32, 8, device=device)) & 0xFF  # (nrows, W, 4)
-    table = 1 - 2 * ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).float()
-    return table.index_select(0, byte.reshape(-1)).reshape(nrows, W * 32)[:, :proj_dim]  # (nrows, k)
-
-
-def _sjlt_rows(seed, row0, nrows, proj_dim, s, device="cpu"):
-    """projection_matrix's sparse rows [row0, row0 + nrows) as (columns, signs), (nrows, s) each, on a device."""
-    rows = torch.arange(row0, row0 + nrows, dtype=torch.int64, device=device)
-    t = torch.arange(s, dtype=torch.int64, device=device)
-    start = t * proj_dim // s  # block t: columns [t k / s, (t + 1) k / s)
-    words = _words(rows[:, None] * s + t, *_seeds(seed, 0x51A7))  # (nrows, s)
-    return start + (words >> 1) % ((t + 1) * proj_dim // s - start), (1 - 2 * (words & 1)).float()
-
-
-def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, block_rows=None):
-    """project_plain's y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim), with R generated
-    block_rows rows at a time on x's device, never whole: 'rademacher' (the paper's) by x_block @ R_block (addmm),
-    'sjlt' (an option, as in dattri) by adding each x_i with its s signs into its s columns (index_add_), O(D s) per
-    example; s = 4 matches the dense kind's distortion on gradients (RESULTS.md). row_offset: x holds rows
-    [row_offset, row_offset + D) of a gradient, so slices (per layer, an FSDP shard) project separately and sum to
-    the whole. Equal up to float32 summation order for every block size, batch, slice and device."""
-    if x.dim() not in (1, 2):
-        raise ValueError(f"x must be (N, D) or (D,), got shape {tuple(x.shape)}")
-    squeeze, (N, D) = x.dim() == 1, x.reshape(-1, x.shape[-1]).shape
-    x = x[None] if squeeze else x
-    _check_projection_args(proj_dim, seed, kind, s, block_rows)
-    _check_rows(row_offset, D, (proj_dim + 31) // 32 if kind == "rademacher" else s)
-    out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)
-    if kind == "rademacher":
-        block_rows = block_rows or max(1, 2 ** 24 // proj_dim)
-        for r0 in range(0, D, block_rows):
-            nr = min(block_rows, D - r0)
-            out.addmm_(x[:, r0:r0 + nr].float(), _rademacher_rows(seed, row_offset + r0, nr, proj_dim, x.device))
-        return (out[0] if squeeze else out).div_(math.sqrt(proj_dim))
-    out_t = out.T  # (proj_dim, N) view: index_add_ adds whole rows of N contiguous values
-    block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
-    for r0 in range(0, D, block_rows):
-        nr = min(block_rows, D - r0)
-        cols, signs = _sjlt_rows(seed, row_offset + r0, nr, proj_dim, s, x.device)  # hashed on x's device
-        xt = x[:, r0:r0 + nr].T.float()  # (nr, N)
-        out_t.index_add_(0, cols.reshape(-1), (xt[:, None, :] * signs[..., None]).reshape(-1, N))
-    return (out[0] if squeeze else out).div_(math.sqrt(s))
-
-
-def projected_features(grads, grad_type, adam_state, projection, eps_outside=False, slice_cols=2 ** 22):
-    """projection(gradient_features(grads, ...)) slice by slice (row_offset): float32 (N, proj_dim), equal up to
-    summation order, with feature temporaries (m_hat, v_hat, ...) of (N, slice_cols) instead of (N, D)."""
-    out = None
-    for a in range(0, grads.shape[1], slice_cols):
-        part = None if adam_state is None else tuple(m[a:a + slice_cols] for m in adam_state)
-        y = projection(gradient_features(grads[:, a:a + slice_cols], grad_type, part, eps_outside), row_offset=a)
-        out = y if out is None else out.add_(y)
-    return out
-
-
-def _features(model, examples, grad_type, adam, projection, batch_size, vmap=True, eps_outside=False, bar=None):
-    """Projected features (N, proj_dim): gradients batch by batch into a buffer of <= GRAD_BUFFER_BYTES (>= a batch;
-    twice that while projected), projected at once: dense R is made once per buffer. A non-finite gradient: its id."""
-    rows, buf = [], []
-    for b in range(0, len(examples), batch_size):
-        batch = examples[b:b + batch_size]
-        g = example_gradients(model, batch, vmap)  # (B, D)
-        bad = ~torch.isfinite(g).all(1)
-        if bad.any():
-            raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
-                             f"(bf16 overflow or a broken example); its score would be meaningless")
-        buf.append(g)
-        if b + batch_size >= len(examples) or (sum(map(len, buf)) + batch_size) * g.shape[1] * 4 > GRAD_BUFFER_BYTES:
-            rows.append(projected_features(torch.cat(buf), grad_type, adam, projection, eps_outside))  # (n, k)
-            buf = []
-        if bar is not None:  # per gradient batch: the timer's lines and the moving rate cover the projections
-            bar.update(len(batch))
-    return torch.cat(rows) if rows else torch.zeros(0, projection.proj_dim)
-
-
-# ============================================================================
-# 3. Machinery
-# --- optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer; eta
-def trainer_param_order(model):
-    """(trainable names in the order a Trainer numbers them -- decay group, then no-decay group --, group sizes)."""
-    from transformers import Trainer
-    decay = set(Trainer.get_decay_parameter_names(None, model))
-    names = [n for n, _ in trainable_parameters(model)]
-    groups = [[n for n in names if n in decay], [n for n in names if n not in decay]]
-    return groups[0] + groups[1], [len(g) for g in groups]
-
-
-def _state_by_name(source, model, param_order):
-    """{parameter name: its state} from an optimizer.bin / optimizer.pt file."""
-    try:
-        sd = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # a safetensors file, a pickle with code, a truncated file
-        raise ValueError(f"{source}: not a torch optimizer state_dict that loads with weights_only=True "
-                         f"({type(e).__name__}: {(str(e).splitlines() or ['empty or truncated'])[0][:200]})") from None
-    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict):
-        keys = list(sd)[:5] if isinstance(sd, dict) else type(sd).__name__
-        raise ValueError(f"{source}: not an optimizer state_dict (no 'state' entry; found {keys}); "
-                         "a model state_dict or another file was given as optimizer state")
-    state = sd["state"]
-    if all(isinstance(k, str) for k in state):  # keyed by name (FSDP / accelerate)
-        strip = lambda n: re.sub(r"_fsdp_wrapped_module\.|_orig_mod\.|module\.", "", n)  # noqa: E731
-        stripped = {strip(k): v for k, v in state.items()}
-        return {n: state.get(n, stripped.get(strip(n))) for n, _ in trainable_parameters(model)}
-    sizes = [len(g["params"]) for g in sd["param_groups"]]
-    if param_order is None:  # keyed by index in param_groups order: a Trainer's decay group first
-        param_order, trainer_sizes = trainer_param_order(model)
-        if [s for s in sizes if s] != [s for s in trainer_sizes if s]:
-            raise ValueError(f"{source}: param_groups sizes {sizes} do not match a Trainer's decay/no-decay grouping "
-                             f"of this model's trainable parameters {trainer_sizes}; pass param_order")
-    unknown = set(param_order) - set(dict(trainable_parameters(model)))
-    if unknown:
-        raise ValueError(f"param_order names {sorted(unknown)[:3]}, not trainable parameters of the model")
-    index = [i for g in sd["param_groups"] for i in g["params"]]
-    if len(index) != len(param_order):
-        raise ValueError(f"{source}: {len(index)} parameters in param_groups, {len(param_order)} names in param_order")
-    return {n: state.get(i) for n, i in zip(param_order, index)}
-
-
-def adam_state(model, source, param_order=None):
-    """(exp_avg, exp_avg_sq), float32 (D,) each in gradient layout, from a live torch.optim optimizer, an
-    optimizer.bin (keyed by NAME: FSDP) or an optimizer.pt (keyed by INDEX in param_groups order: a Trainer's
-    decay group first, or param_order). Files load with weights_only=True; shapes are checked per parameter."""
-    params = trainable_parameters(model)
-    if isinstance(source, torch.optim.Optimizer):
-        by_name = {n: source.state.get(p) for n, p in params}
-    elif source is None:
-        raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state: a live optimizer or the path of "
-                         "optimizer.pt / optimizer.bin")
-    else:
-        by_name = _state_by_name(source, model, param_order)
-    moments = []
-    for n, p in params:
-        s = by_name.get(n)
-        if not s or "exp_avg" not in s or "exp_avg_sq" not in s:
-            raise ValueError(f"optimizer state has no exp_avg/exp_avg_sq for parameter {n!r}")
-        bad = [k for k in ("exp_avg", "exp_avg_sq") if s[k].shape != p.shape]
-        if bad:
-            raise ValueError(f"optimizer state {bad[0]} for parameter {n!r} has shape {tuple(s[bad[0]].shape)}, "
-                             f"the parameter {tuple(p.shape)}")
-        if not (torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all()
-                and (s["exp_avg_sq"] >= 0).all()):
-            raise ValueError(f"optimizer state for parameter {n!r} has a non-finite entry or a negative exp_avg_sq")
-        moments.append([s[k].reshape(-1).float().to(p.device) for k in ("exp_avg", "exp_avg_sq")])
-    return tuple(torch.cat(m) for m in zip(*moments))
-
-
-def checkpoint_weights_from_trainer_state(path):
-    """LESS's checkpoint weights eta_i: the mean logged learning rate of epoch i (log entries with epoch in
-    (i - 1, i]) of a transformers trainer_state.json. A missing epoch, or a learning rate that is not a finite
-    number >= 0, is an error naming the file and the entry."""
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable trainer_state.json ({e})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
-        raise ValueError(f"{path} has no 'log_history' list: not a transformers trainer_state.json")
-    by_epoch = {}
-    for i, e in enumerate(state["log_history"]):
-        if isinstance(e, dict) and "learning_rate" in e and "epoch" in e:
-            for name in ("learning_rate", "epoch"):
-                v = e[name]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                    raise ValueError(f"{path}: log_history[{i}] has {name} {v!r}, not a finite number >= 0")
-            by_epoch.setdefault(max(1, math.ceil(e["epoch"] - 1e-9)), []).append(e["learning_rate"])
-    if not by_epoch:
-        raise ValueError(f"{path} has no log entry with both 'learning_rate' and 'epoch'")
-    missing = sorted(set(range(1, max(by_epoch) + 1)) - set(by_epoch))
-    if missing:
-        raise ValueError(f"{path}: no learning rate logged in epoch {missing[0]} (epochs {sorted(by_epoch)} have "
-                         "one): each warm-up epoch needs its weight; give the weights instead")
-    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
-
-
-# --- storage: row i of every feature file belongs to ids[i], under one checksum; what the rows were computed from
-def _sha(parts, n_hex=16, chunk_bytes=2 ** 28):
-    """sha256 (n_hex hex digits) of bytes, tensors (raw bytes, 256 MiB at a time) and other values (JSON), in order."""
-    h = hashlib.sha256()
-    for x in parts:
-        if not torch.is_tensor(x):
-            h.update(x if isinstance(x, bytes) else json.dumps(x).encode())
-            continue
-        flat = x.detach().reshape(-1)
-        step = max(1, chunk_bytes // flat.element_size())
-        for i in range(0, flat.numel(), step):
-            part = flat[i:i + step].contiguous().cpu()
-            # the tensor's bytes without a copy and without numpy (safetensors reads them the same way)
-            h.update((ctypes.c_char * (part.numel() * part.element_size())).from_address(part.data_ptr()))
-    return h.hexdigest()[:n_hex]
-
-
-def model_fingerprint(model):
-    """sha256 of every parameter's name, shape, dtype, trainable flag and bytes, frozen ones too (content, not sums)."""
-    return _sha(x for n, p in model.named_parameters()
-                for x in (f"{n}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad};".encode(), p))
-
-
-FILE_FORMAT = "less-ref-features-v3"  # v3: ids as a tensor (any number of them), one checksum over everything
-
-
-def _file_checksum(tensors, meta):
-    """sha256 of everything a feature file says: each tensor's name, dtype, shape and bytes (the ids' too), and every
-    metadata field (identity, format) as canonical JSON: a swapped or edited id is a changed file."""
-    parts = [json.dumps(meta, sort_keys=True).encode()]
-    for k in sorted(tensors):
-        parts += [f"{k}|{tensors[k].dtype}|{tuple(tensors[k].shape)};".encode(), tensors[k]]
-    return _sha(parts, n_hex=64)
-
-
-def _write_atomic(tensors, metadata, path):
-    """A safetensors file with JSON metadata and its checksum, written to a temp file then renamed, with the umask's
-    permissions (safetensors writes 0600: other users' ranks must read it); a failure is an OSError naming it.
-    metadata["ids"] is stored as the uint8 tensor "ids" (their JSON): the header (100 MB at most) never holds them."""
-    from safetensors.torch import save_file
-    meta = dict(metadata, format=FILE_FORMAT)
-    ids = bytearray(json.dumps(meta.pop("ids")).encode())  # never empty: "[]" at least
-    tensors = dict(tensors, ids=torch.frombuffer(ids, dtype=torch.uint8))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata={**{k: json.dumps(v) for k, v in meta.items()},
-                                          "checksum": _file_checksum(tensors, meta)})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
-    except Exception as e:  # disk full, read-only directory (safetensors' own error is not an OSError)
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(getattr(e, "errno", None), f"{path}: cannot write ({getattr(e, 'strerror', None) or e})") \
-            from None
-
-
-def _read_features(path):
-    """(tensors, metadata) of a feature file after checking, on every read: its checksum (mandatory), rows = ids,
-    unique ids, proj_dim columns; else a ValueError naming the file."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such feature file (collect writes features.safetensors when it finishes)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        checksum = raw.pop("checksum", None)
-        meta = {k: json.loads(v) for k, v in raw.items()}
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable feature file ({type(e).__name__}: {str(e)[:200]})") from None
-    if checksum is None or meta.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path}: no checksum of the {FILE_FORMAT} format: a file of an older version of less_ref, "
-                         "of another tool, or an edited one; it is not trusted (collect it again into a new directory)")
-    if checksum != _file_checksum(tensors, meta):
-        raise ValueError(f"{path}: its content (features, ids or metadata) does not match its checksum: the file was "
-                         "changed after it was written; it is not used")
-    if "features" not in tensors or "ids" not in tensors or "identity" not in meta:
-        raise ValueError(f"{path}: not a feature file (needs 'features', 'ids' and 'identity')")
-    ids = meta["ids"] = json.loads(ctypes.string_at(tensors["ids"].data_ptr(), tensors["ids"].numel()))
-    x, k = tensors["features"], meta["identity"]["proj_dim"]
-    if x.dim() != 2 or x.shape[0] != len(ids) or x.shape[1] != k:
-        raise ValueError(f"{path}: {tuple(x.shape)} features for {len(ids)} ids and proj_dim {k}")
-    if not all(isinstance(i, (str, int)) for i in ids) or len(set(ids)) != len(ids):
-        first = {}
-        for i, sid in enumerate(ids):
-            if first.setdefault(json.dumps(sid), i) != i:
-                raise ValueError(f"{path}: sample id {sid!r} labels two rows ({first[json.dumps(sid)]} and {i})")
-    return tensors, meta
-
-
-def load_features(path, merged=False):
-    """(features float32 (N, k), ids list, identity dict) from a chunk or (merged=True: only) a merged file. Every
-    read checks the file's checksum, which covers the ids; a merged file's ids must be the collection's, in order."""
-    tensors, meta = _read_features(path)
-    if merged and "positions" in tensors:
-        raise ValueError(f"{path} is one chunk of a collection, not its merged features.safetensors")
-    if "positions" not in tensors and _sha([meta["ids"]]) != meta["identity"].get("ids"):
-        raise ValueError(f"{path}: its ids are not the ones its collection was given (in that order)")
-    return tensors["features"], meta["ids"], meta["identity"]
-
-
-class _Progress:
-    """Lines on stderr, which a log file (nohup, a scheduler) shows as a terminal does: at the first batch, then every
-    PROGRESS_SECONDS of wall time (environment, default 30; a timer, so a slow batch shows too; 0: every batch) and
-    at the end: records done / total, the rate over the last ~10 lines, ETA."""
-
-    def __init__(self, total, desc, initial=0):
-        import threading
-        self.total, self.desc, self.done, self.marks = total, desc, initial, [(time.time(), initial)]
-        self.every, self.stop = float(os.environ.get("PROGRESS_SECONDS", 30)), threading.Event()
-        if self.every > 0:
-            threading.Thread(target=lambda: [self._line() for _ in iter(lambda: self.stop.wait(self.every), True)],
-                             daemon=True).start()  # a line each time the wait ends without close()
-
-    def _line(self):
-        now, (then, done_then) = time.time(), self.marks[0]
-        rate = (self.done - done_then) / max(now - then, 1e-9)
-        self.marks = (self.marks + [(now, self.done)])[-10:]
-        eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
-        print(f"{self.desc}: {self.done}/{self.total} records ({100 * self.done / max(self.total, 1):.0f}%), "
-              f"{rate:.2f} records/s, ETA {eta}", file=sys.stderr, flush=True)
-
-    def update(self, n):
-        self.done += n
-        if len(self.marks) == 1 or self.every <= 0 or self.done >= self.total:
-            self._line()
-
-    def close(self):
-        self.stop.set()
-
-
-def _world():
-    """(rank, world size) under an initialised torch.distributed process group (torchrun), else (0, 1)."""
-    import torch.distributed as dist
-    on = dist.is_available() and dist.is_initialized()
-    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
-
-
-def _sync(rank, world, fn):
-    """fn() on every rank, then every rank learns whether any failed (none waits at a collective for a timeout):
-    the failing rank re-raises its error, the others a ValueError naming it."""
-    if world == 1:
-        return fn()
-    try:
-        out, error = fn(), None
-    except Exception as e:
-        out, error = None, e
-    import torch.distributed as dist
-    errors = [None] * world
-    dist.all_gather_object(errors, f"{type(error).__name__}: {error}" if error else None)
-    if error is not None:
-        raise error
-    failed = [(r, e) for r, e in enumerate(errors) if e]
-    if failed:
-        raise ValueError(f"rank {failed[0][0]} failed: {failed[0][1]}")
-    return out
-
-
-def shard_positions(n, rank, world):
-    """DistributedSampler's split (shuffle=False): rank r takes r, r + world, ... of the positions padded to a
-    multiple of world by repeats from the start (the merge drops them)."""
-    return [i % n for i in range(rank, -(-n // world) * world, world)]
-
-
-def _chunk_paths(out_dir, rank, world, n_chunks):
-    """out_dir/shard-RRR-of-WWW and its chunk files chunk_CCCCCC.safetensors (only rank RRR writes there)."""
-    shard = os.path.join(out_dir, f"shard-{rank:03d}-of-{world:03d}")
-    return shard, [os.path.join(shard, f"chunk_{c:06d}.safetensors") for c in range(n_chunks)]
-
-
-def _check_identity(out_dir, identity):
-    """Write out_dir/identity.json in a new out_dir; in an old one, refuse another identity naming the change."""
-    id_path = os.path.join(out_dir, "identity.json")
-    if not os.path.exists(id_path):
-        os.makedirs(out_dir, exist_ok=True)
-        with open(f"{id_path}.tmp{os.getpid()}", "w") as f:
-            json.dump(identity, f)
-        try:
-            os.link(f.name, id_path)  # atomic and exclusive: a file another run created first is compared below
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links: atomic, not exclusive
-            os.replace(f.name, id_path)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(f.name)
-    try:
-        with open(id_path) as f:
-            old = json.load(f)
-        if not isinstance(old, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        raise ValueError(f"{id_path}: unreadable ({e}): not an identity.json that collect finished writing; "
-                         "collect into a new directory") from None
-    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-    if diff:
-        raise ValueError(f"{out_dir} holds features of another configuration "
-                         f"({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); "
-                         "collect into a new directory")
-
-
-def _holds(path, identity, positions=None):
-    """True if path is a readable, unchanged feature file of this identity (and these dataset positions)."""
-    try:
-        tensors, meta = _read_features(path)
-        return meta["identity"] == identity and (positions is None or tensors["positions"].tolist() == positions)
-    except (ValueError, KeyError):
-        return False
-
-
+# 2. Machinery: the entry points (collect, merge, match, DataFlex's select_step) first, then what they use
 def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state=None, projection=Projection(),
                      checkpoint="", chunk_size=160, batch_size=8, vmap=True):
     """Projected features of examples written as atomic chunk files of chunk_size rows, merged by rank 0 into
@@ -647,20 +295,18 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
         _whole("batch_size", batch_size)
         _check_projection_args(*projection)
         _check_model_inputs(model, examples)
-        params = trainable_parameters(model)
         adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
         data = _sha([e["id"], _as_long(e["input_ids"]).tolist(), _as_long(e["labels"]).tolist()]
                     for e in examples)  # ids, tokens and labels, in order
-        identity = dict(projection.identity(sum(p.numel() for _, p in params)), grad_type=grad_type,
-                        checkpoint=str(checkpoint), model=model_fingerprint(model), n_examples=len(examples),
-                        data=data, chunk_size=chunk_size, world_size=world, ids=_sha([[e["id"] for e in examples]]),
-                        optimizer=None if adam is None else _sha(adam))
+        identity = dict(projection.identity(sum(p.numel() for _, p in trainable_parameters(model))),
+                        grad_type=grad_type, checkpoint=str(checkpoint), model=model_fingerprint(model),
+                        n_examples=len(examples), data=data, chunk_size=chunk_size, world_size=world,
+                        ids=_sha([[e["id"] for e in examples]]), optimizer=None if adam is None else _sha(adam))
         return identity, adam
 
     identity, adam = _sync(rank, world, prepare)  # nothing is written before every argument is checked
     _sync(rank, world, lambda: rank == 0 and _check_identity(out_dir, identity))  # rank 0 writes or checks it
-    if world > 1:  # then every other rank must have the same configuration (same data, model, ...)
-        _sync(rank, world, lambda: rank and _check_identity(out_dir, identity))
+    _sync(rank, world, lambda: rank and _check_identity(out_dir, identity))  # then the other ranks check theirs
     merged = os.path.join(out_dir, "features.safetensors")
     if _sync(rank, world, lambda: _holds(merged, identity)):  # a finished run: nothing to compute or write
         return merged
@@ -677,12 +323,12 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     todo = [c for c, path in enumerate(paths) if not os.path.exists(path)]
 
     def compute():  # whole chunks grouped so that one projection takes up to GRAD_BUFFER_BYTES of gradients
-        bar = _Progress(len(positions), f"rank {rank}: {grad_type} features {checkpoint}".rstrip(),
-                        initial=len(positions) - sum(len(chunks[c]) for c in todo))
+        bar = Progress(len(positions), f"rank {rank}: {grad_type} features {checkpoint}".rstrip(),
+                       initial=len(positions) - sum(len(chunks[c]) for c in todo))
         per = max(1, GRAD_BUFFER_BYTES // (4 * identity["grad_dim"] * chunk_size))
         for group in (todo[g:g + per] for g in range(0, len(todo), per)):
             feats = _features(model, [examples[i] for c in group for i in chunks[c]], grad_type, adam, projection,
-                              batch_size, vmap, bar=bar)  # (rows of the group, k)
+                              batch_size, bar, vmap)  # (rows of the group, k)
             for c, x in zip(group, feats.split([len(chunks[c]) for c in group])):
                 _write_atomic({"features": x.cpu().contiguous(), "positions": torch.tensor(chunks[c])},
                               {"ids": [examples[i]["id"] for i in chunks[c]], "identity": identity}, paths[c])
@@ -769,13 +415,14 @@ def select_step(model, optimizer, pool, val, n_select, projection=Projection(), 
     eps) unless eps_outside=False. Train/eval mode is restored; under torchrun rank r scores pool[r::world]."""
     rank, world = _world()
     _whole("n_select", n_select, 0)
+    _check_model_inputs(model, pool, val)
     adam = adam_state(model, optimizer)
     was_training = model.training
     mine = list(range(rank, len(pool), world))
-    bar = _Progress(len(val) + len(mine), f"rank {rank}: select_step")
+    bar = Progress(len(val) + len(mine), f"rank {rank}: select_step")
     try:
-        v = _features(model, val, "sgd", None, projection, batch_size, vmap, bar=bar)
-        t = _features(model, [pool[i] for i in mine], "adam", adam, projection, batch_size, vmap, eps_outside, bar)
+        v = _features(model, val, "sgd", None, projection, batch_size, bar, vmap)  # (M, k)
+        t = _features(model, [pool[i] for i in mine], "adam", adam, projection, batch_size, bar, vmap, eps_outside)
         local = influence_scores(t, v).cpu() if mine else torch.zeros(0)
     finally:
         model.train(was_training)
@@ -791,8 +438,363 @@ def select_step(model, optimizer, pool, val, n_select, projection=Projection(), 
     return select_top(scores, k=n_select)  # the same scores on every rank: the same choice
 
 
+# --- ranks (torchrun), shards, one configuration per directory, resume; progress lines a log file shows
+def _world():
+    """(rank, world size) under an initialised torch.distributed process group (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+
+
+def _sync(rank, world, fn):
+    """fn() on every rank, then every rank learns whether any failed (none waits at a collective for a timeout):
+    the failing rank re-raises its error, the others a ValueError naming it."""
+    if world == 1:
+        return fn()
+    try:
+        out, error = fn(), None
+    except Exception as e:
+        out, error = None, e
+    import torch.distributed as dist
+    errors = [None] * world
+    dist.all_gather_object(errors, f"{type(error).__name__}: {error}" if error else None)
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise ValueError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    return out
+
+
+def shard_positions(n, rank, world):
+    """DistributedSampler's split (shuffle=False): rank r takes r, r + world, ... of the positions padded to a
+    multiple of world by repeats from the start (the merge drops them)."""
+    return [i % n for i in range(rank, -(-n // world) * world, world)]
+
+
+def _chunk_paths(out_dir, rank, world, n_chunks):
+    """out_dir/shard-RRR-of-WWW and its chunk files chunk_CCCCCC.safetensors (only rank RRR writes there)."""
+    shard = os.path.join(out_dir, f"shard-{rank:03d}-of-{world:03d}")
+    return shard, [os.path.join(shard, f"chunk_{c:06d}.safetensors") for c in range(n_chunks)]
+
+
+def _check_identity(out_dir, identity):
+    """Write out_dir/identity.json in a new out_dir; in an old one, refuse another identity naming the change."""
+    id_path = os.path.join(out_dir, "identity.json")
+    if not os.path.exists(id_path):
+        os.makedirs(out_dir, exist_ok=True)
+        with open(f"{id_path}.tmp{os.getpid()}", "w") as f:
+            json.dump(identity, f)
+        try:
+            os.link(f.name, id_path)  # atomic and exclusive: a file another run created first is compared below
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links: atomic, not exclusive
+            os.replace(f.name, id_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f.name)
+    try:
+        with open(id_path) as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"{id_path}: unreadable ({e}): not an identity.json that collect finished writing; "
+                         "collect into a new directory") from None
+    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if diff:
+        raise ValueError(f"{out_dir} holds features of another configuration "
+                         f"({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); "
+                         "collect into a new directory")
+
+
+def _holds(path, identity, positions=None):
+    """True if path is a readable, unchanged feature file of this identity (and these dataset positions)."""
+    try:
+        tensors, meta = _read_features(path)
+        return meta["identity"] == identity and (positions is None or tensors["positions"].tolist() == positions)
+    except (ValueError, KeyError):
+        return False
+
+
+class Progress:
+    """Lines on stderr, which a log file (nohup, a scheduler) shows as a terminal does: at the first update, then every
+    PROGRESS_SECONDS of wall time (environment, default 30; a timer, so a slow batch or a model load shows too; 0:
+    every update) and at the end: 'desc: done/total unit (pct), rate over the last ~10 lines, ETA'; total=None: a
+    phase without a count ('desc: 1m30s so far'). close() stops the timer. The tools (cli/) use this one too."""
+
+    def __init__(self, total, desc, unit="records", initial=0):
+        import threading
+        self.total, self.desc, self.unit, self.done = total, desc, unit, initial
+        self.start, self.marks = time.time(), [(time.time(), initial)]  # marks: (time, done) of the last ~10 lines
+        self.every, self.stop = float(os.environ.get("PROGRESS_SECONDS", 30)), threading.Event()
+        if self.every > 0:
+            threading.Thread(target=lambda: [self._line() for _ in iter(lambda: self.stop.wait(self.every), True)],
+                             daemon=True).start()  # a line each time the wait ends without close()
+
+    def _line(self):
+        now, (then, done_then) = time.time(), self.marks[0]
+        self.marks = (self.marks + [(now, self.done)])[-10:]
+        rate = (self.done - done_then) / max(now - then, 1e-9)
+        hms = lambda t: "?" if t is None else f"{int(t) // 60}m{int(t) % 60:02d}s"  # noqa: E731
+        eta = hms((self.total - self.done) / rate if self.total is not None and rate > 0 else None)
+        print(f"{self.desc}: {hms(now - self.start)} so far" if self.total is None else f"{self.desc}: {self.done}/"
+              f"{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%), {rate:.2f} {self.unit}/s, "
+              f"ETA {eta}", file=sys.stderr, flush=True)
+
+    def update(self, n=1):
+        self.done += n
+        if len(self.marks) == 1 or self.every <= 0 or self.done >= (self.total or 0):
+            self._line()
+
+    def close(self):
+        self.stop.set()
+
+
+# --- optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer; eta
+def adam_state(model, source, param_order=None):
+    """(exp_avg, exp_avg_sq), float32 (D,) each in gradient layout, from a live torch.optim optimizer, an
+    optimizer.bin (keyed by NAME: FSDP) or an optimizer.pt (keyed by INDEX in param_groups order: a Trainer's
+    decay group first, or param_order). Files load with weights_only=True; shapes are checked per parameter."""
+    params = trainable_parameters(model)
+    if isinstance(source, torch.optim.Optimizer):
+        by_name = {n: source.state.get(p) for n, p in params}
+    elif source is None:
+        raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state: a live optimizer or the path of "
+                         "optimizer.pt / optimizer.bin")
+    else:
+        by_name = _state_by_name(source, model, param_order)
+    moments = []
+    for n, p in params:
+        s = by_name.get(n)
+        if not s or "exp_avg" not in s or "exp_avg_sq" not in s:
+            raise ValueError(f"optimizer state has no exp_avg/exp_avg_sq for parameter {n!r}")
+        bad = [k for k in ("exp_avg", "exp_avg_sq") if s[k].shape != p.shape]
+        if bad:
+            raise ValueError(f"optimizer state {bad[0]} for parameter {n!r} has shape {tuple(s[bad[0]].shape)}, "
+                             f"the parameter {tuple(p.shape)}")
+        if not all(torch.isfinite(s[k]).all() for k in ("exp_avg", "exp_avg_sq")) or (s["exp_avg_sq"] < 0).any():
+            raise ValueError(f"optimizer state for parameter {n!r} has a non-finite entry or a negative exp_avg_sq")
+        moments.append([s[k].reshape(-1).float().to(p.device) for k in ("exp_avg", "exp_avg_sq")])
+    return tuple(torch.cat(m) for m in zip(*moments))
+
+
+def _state_by_name(source, model, param_order):
+    """{parameter name: its state} from an optimizer.bin / optimizer.pt file."""
+    try:
+        sd = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # a safetensors file, a pickle with code, a truncated file
+        raise ValueError(f"{source}: not a torch optimizer state_dict that loads with weights_only=True "
+                         f"({type(e).__name__}: {(str(e).splitlines() or ['empty or truncated'])[0][:200]})") from None
+    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict):
+        keys = list(sd)[:5] if isinstance(sd, dict) else type(sd).__name__
+        raise ValueError(f"{source}: not an optimizer state_dict (no 'state' entry; found {keys}); "
+                         "a model state_dict or another file was given as optimizer state")
+    state = sd["state"]
+    if all(isinstance(k, str) for k in state):  # keyed by name (FSDP / accelerate)
+        strip = lambda n: re.sub(r"_fsdp_wrapped_module\.|_orig_mod\.|module\.", "", n)  # noqa: E731
+        stripped = {strip(k): v for k, v in state.items()}
+        return {n: state.get(n, stripped.get(strip(n))) for n, _ in trainable_parameters(model)}
+    sizes = [len(g["params"]) for g in sd["param_groups"]]
+    if param_order is None:  # keyed by index in param_groups order: a Trainer's decay group first
+        param_order, trainer_sizes = trainer_param_order(model)
+        if [s for s in sizes if s] != [s for s in trainer_sizes if s]:
+            raise ValueError(f"{source}: param_groups sizes {sizes} do not match a Trainer's decay/no-decay grouping "
+                             f"of this model's trainable parameters {trainer_sizes}; pass param_order")
+    unknown = set(param_order) - set(dict(trainable_parameters(model)))
+    if unknown:
+        raise ValueError(f"param_order names {sorted(unknown)[:3]}, not trainable parameters of the model")
+    index = [i for g in sd["param_groups"] for i in g["params"]]
+    if len(index) != len(param_order):
+        raise ValueError(f"{source}: {len(index)} parameters in param_groups, {len(param_order)} names in param_order")
+    return {n: state.get(i) for n, i in zip(param_order, index)}
+
+
+def trainer_param_order(model):
+    """(trainable names in the order a Trainer numbers them -- decay group, then no-decay group --, group sizes)."""
+    from transformers import Trainer
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    names = [n for n, _ in trainable_parameters(model)]
+    groups = [[n for n in names if n in decay], [n for n in names if n not in decay]]
+    return groups[0] + groups[1], [len(g) for g in groups]
+
+
+def checkpoint_weights_from_trainer_state(path):
+    """LESS's checkpoint weights eta_i: the mean logged learning rate of epoch i (log entries with epoch in
+    (i - 1, i]) of a transformers trainer_state.json. A missing epoch, or a learning rate that is not a finite
+    number >= 0, is an error naming the file and the entry."""
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable trainer_state.json ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise ValueError(f"{path} has no 'log_history' list: not a transformers trainer_state.json")
+    by_epoch = {}
+    for i, e in enumerate(state["log_history"]):
+        if isinstance(e, dict) and "learning_rate" in e and "epoch" in e:
+            for name in ("learning_rate", "epoch"):
+                v = e[name]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise ValueError(f"{path}: log_history[{i}] has {name} {v!r}, not a finite number >= 0")
+            by_epoch.setdefault(max(1, math.ceil(e["epoch"] - 1e-9)), []).append(e["learning_rate"])
+    if not by_epoch:
+        raise ValueError(f"{path} has no log entry with both 'learning_rate' and 'epoch'")
+    missing = sorted(set(range(1, max(by_epoch) + 1)) - set(by_epoch))
+    if missing:
+        raise ValueError(f"{path}: no learning rate logged in epoch {missing[0]} (epochs {sorted(by_epoch)} have "
+                         "one): each warm-up epoch needs its weight; give the weights instead")
+    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
+
+
+# --- storage: row i of every feature file belongs to ids[i], under one checksum; what the rows were computed from
+def _sha(parts, n_hex=16, chunk_bytes=2 ** 28):
+    """sha256 (n_hex hex digits) of bytes, tensors (raw bytes, 256 MiB at a time) and other values (JSON), in order."""
+    h = hashlib.sha256()
+    for x in parts:
+        if not torch.is_tensor(x):
+            h.update(x if isinstance(x, bytes) else json.dumps(x).encode())
+            continue
+        flat = x.detach().reshape(-1)
+        step = max(1, chunk_bytes // flat.element_size())
+        for i in range(0, flat.numel(), step):
+            part = flat[i:i + step].contiguous().cpu()
+            h.update((ctypes.c_char * (part.numel() * part.element_size())).from_address(part.data_ptr()))  # no copy
+    return h.hexdigest()[:n_hex]
+
+
+def model_fingerprint(model):
+    """sha256 of every parameter's name, shape, dtype, trainable flag and bytes, frozen ones too (content, not sums)."""
+    return _sha(x for n, p in model.named_parameters()
+                for x in (f"{n}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad};".encode(), p))
+
+
+def load_features(path, merged=False):
+    """(features float32 (N, k), ids list, identity dict) from a chunk or (merged=True: only) a merged file. Every
+    read checks the file's checksum, which covers the ids; a merged file's ids must be the collection's, in order."""
+    tensors, meta = _read_features(path)
+    if merged and "positions" in tensors:
+        raise ValueError(f"{path} is one chunk of a collection, not its merged features.safetensors")
+    if "positions" not in tensors and _sha([meta["ids"]]) != meta["identity"].get("ids"):
+        raise ValueError(f"{path}: its ids are not the ones its collection was given (in that order)")
+    return tensors["features"], meta["ids"], meta["identity"]
+
+
+def _read_features(path):
+    """(tensors, metadata) of a feature file after checking, on every read: its checksum (mandatory), rows = ids,
+    unique ids, proj_dim columns; else a ValueError naming the file."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such feature file (collect writes features.safetensors when it finishes)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        checksum = raw.pop("checksum", None)
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable feature file ({type(e).__name__}: {str(e)[:200]})") from None
+    if checksum is None or meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path}: no checksum of the {FILE_FORMAT} format: a file of an older version of less_ref, "
+                         "of another tool, or an edited one; it is not trusted (collect it again into a new directory)")
+    if checksum != _file_checksum(tensors, meta):
+        raise ValueError(f"{path}: its content (features, ids or metadata) does not match its checksum: the file was "
+                         "changed after it was written; it is not used")
+    if "features" not in tensors or "ids" not in tensors or "identity" not in meta:
+        raise ValueError(f"{path}: not a feature file (needs 'features', 'ids' and 'identity')")
+    ids = meta["ids"] = json.loads(ctypes.string_at(tensors["ids"].data_ptr(), tensors["ids"].numel()))
+    x, k = tensors["features"], meta["identity"]["proj_dim"]
+    if x.dim() != 2 or x.shape[0] != len(ids) or x.shape[1] != k:
+        raise ValueError(f"{path}: {tuple(x.shape)} features for {len(ids)} ids and proj_dim {k}")
+    if not all(isinstance(i, (str, int)) for i in ids) or len(set(ids)) != len(ids):
+        first = {}
+        for i, sid in enumerate(ids):
+            if first.setdefault(json.dumps(sid), i) != i:
+                raise ValueError(f"{path}: sample id {sid!r} labels two rows ({first[json.dumps(sid)]} and {i})")
+    return tensors, meta
+
+
+FILE_FORMAT = "less-ref-features-v3"  # v3: ids as a tensor (any number of them), one checksum over everything
+
+
+def _file_checksum(tensors, meta):
+    """sha256 of everything a feature file says: each tensor's name, dtype, shape and bytes (the ids' too), and every
+    metadata field (identity, format) as canonical JSON: a swapped or edited id is a changed file."""
+    parts = [json.dumps(meta, sort_keys=True).encode()]
+    for k in sorted(tensors):
+        parts += [f"{k}|{tensors[k].dtype}|{tuple(tensors[k].shape)};".encode(), tensors[k]]
+    return _sha(parts, n_hex=64)
+
+
+def _write_atomic(tensors, metadata, path):
+    """A safetensors file with JSON metadata and its checksum, written to a temp file then renamed, with the umask's
+    permissions (safetensors writes 0600: other users' ranks must read it); a failure is an OSError naming it.
+    metadata["ids"] is stored as the uint8 tensor "ids" (their JSON): the header (100 MB at most) never holds them."""
+    from safetensors.torch import save_file
+    meta = dict(metadata, format=FILE_FORMAT)
+    ids = bytearray(json.dumps(meta.pop("ids")).encode())  # never empty: "[]" at least
+    tensors = dict(tensors, ids=torch.frombuffer(ids, dtype=torch.uint8))
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={**{k: json.dumps(v) for k, v in meta.items()},
+                                          "checksum": _file_checksum(tensors, meta)})
+        os.umask(mask := os.umask(0))  # read the umask (it can only be read by setting it)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
+    except Exception as e:  # disk full, read-only directory (safetensors' own error is not an OSError)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(getattr(e, "errno", None), f"{path}: cannot write ({getattr(e, 'strerror', None) or e})") \
+            from None
+
+
+# --- features in bounded memory: the gradient buffer, projected slice by slice
+GRAD_BUFFER_BYTES = int(os.environ.get("LESS_GRAD_BUFFER_BYTES", 2 ** 31))  # gradients projected at once: 2 GiB
+
+
+def _features(model, examples, grad_type, adam, projection, batch_size, bar, vmap=True, eps_outside=False):
+    """Projected features (N, proj_dim) of checked examples: gradients batch by batch into a buffer of <=
+    GRAD_BUFFER_BYTES (>= a batch; 2x while projected), projected at once (dense R once per buffer). NaN: its id."""
+    rows, buf = [], []  # projected (n, k) per buffer; gradients (B, D) per batch
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b:b + batch_size]
+        g = example_gradients(model, batch, vmap, check=False)  # (B, D)
+        bad = ~torch.isfinite(g).all(1)  # (B,)
+        if bad.any():
+            raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
+                             f"(bf16 overflow or a broken example); its score would be meaningless")
+        buf.append(g)
+        if b + batch_size >= len(examples) or (sum(map(len, buf)) + batch_size) * g.shape[1] * 4 > GRAD_BUFFER_BYTES:
+            rows.append(projected_features(torch.cat(buf), grad_type, adam, projection, eps_outside))  # (n, k)
+            buf = []
+        bar.update(len(batch))  # per gradient batch: the timer's lines and the moving rate cover the projections
+    return torch.cat(rows) if rows else torch.zeros(0, projection.proj_dim)  # (N, k)
+
+
+def projected_features(grads, grad_type, adam_state, projection, eps_outside=False, slice_cols=2 ** 22):
+    """projection(gradient_features(grads, ...)) slice by slice (row_offset): float32 (N, proj_dim), equal up to
+    summation order, with feature temporaries (m_hat, v_hat, ...) of (N, slice_cols) instead of (N, D)."""
+    _check_projection_args(*projection, rows=(0, grads.shape[1]))  # once, not per slice
+    out = torch.zeros(grads.shape[0], projection.proj_dim, device=grads.device)  # (N, k)
+    for a in range(0, grads.shape[1], slice_cols):
+        part = None if adam_state is None else tuple(m[a:a + slice_cols] for m in adam_state)  # (slice,) each
+        x = gradient_features(grads[:, a:a + slice_cols], grad_type, part, eps_outside)  # (N, slice)
+        out.add_(projection(x, row_offset=a, check=False))  # (N, k)
+    return out
+
+
+def gradient_features(grads, grad_type, adam_state=None, eps_outside=False):
+    """'sgd': g (validation); 'sign': sign(g); 'adam': adam_features(g, m, v) with adam_state = (m, v). float32."""
+    if grad_type in ("sgd", "sign"):
+        return grads.float() if grad_type == "sgd" else torch.sign(grads.float())  # (N, D)
+    if grad_type == "adam" and adam_state is not None:
+        return adam_features(grads, *adam_state, eps_outside=eps_outside)  # (N, D)
+    raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state (exp_avg, exp_avg_sq)"
+                     if grad_type == "adam" else f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
+
+
 # ============================================================================
-# 4. Data preparation: which tokens carry the loss is part of LESS's definition
+# 3. Data preparation: which tokens carry the loss is part of LESS's definition
 def encode_example(record, tokenizer, max_length=2048):
     """{"id", "input_ids", "labels"} as LESS's data code builds it: {"prompt", "response"} -> prompt + response +
     eos (a space between unless one side has it), labels -100 on the prompt; {"messages": [...]} -> the chat
@@ -822,7 +824,7 @@ def encode_example(record, tokenizer, max_length=2048):
 
 
 # ============================================================================
-# 5. Input checks: every bad input is an error that says what and where, checked once at the public boundary
+# 4. Input checks: every bad input is an error that says what and where, checked once per public call
 def _whole(name, v, lo=1, hi=math.inf):
     """A whole-number argument (not a float, bool or str) in [lo, hi], else a ValueError naming it."""
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -845,15 +847,9 @@ def _check_record(record, max_length):
     return sid
 
 
-def _check_rows(row0, nrows, per_row):
-    """The counter row * per_row + j must stay below 2^63: rows < 2^63 / per_row (2^55 at k = 8192)."""
-    _whole("row_offset", row0, 0)
-    if (row0 + nrows) * per_row > 2 ** 63:
-        raise ValueError(f"row {row0 + nrows - 1} is past the projection's limit: row indices must be < 2^63 / "
-                         f"{per_row} = {2 ** 63 // per_row} for this proj_dim")
-
-
-def _check_projection_args(proj_dim, seed, kind, s, block_rows=None):
+def _check_projection_args(proj_dim, seed, kind, s, block_rows=None, rows=(0, 0)):
+    """The projection's values; rows = (row0, nrows): the counter row * per_row + j must stay below 2^63, so rows
+    < 2^63 / per_row (2^55 at k = 8192)."""
     if block_rows is not None:
         _whole("block_rows", block_rows)
     _whole("proj_dim", proj_dim)
@@ -862,10 +858,15 @@ def _check_projection_args(proj_dim, seed, kind, s, block_rows=None):
         raise ValueError(f"kind must be 'rademacher' or 'sjlt', got {kind!r}")
     if kind == "sjlt":
         _whole(f"s (sjlt nonzeros per row, <= proj_dim={proj_dim})", s, 1, proj_dim)
+    per_row = (proj_dim + 31) // 32 if kind == "rademacher" else s
+    _whole("row_offset", rows[0], 0)
+    if sum(rows) * per_row > 2 ** 63:
+        raise ValueError(f"row {sum(rows) - 1} is past the projection's limit: row indices must be < 2^63 / "
+                         f"{per_row} = {2 ** 63 // per_row} for this proj_dim")
 
 
-def _check_influence_inputs(train, val, checkpoint_weights, n_subtasks):
-    """influence_scores' inputs: one (N, k) train and (M, k) val tensor per checkpoint, weights, subtasks."""
+def _check_influence_inputs(train, val, eta, n_subtasks):
+    """influence_scores' inputs: one (N, k) train and (M, k) val tensor per checkpoint, weights eta, subtasks."""
     if len(train) != len(val) or not train:
         raise ValueError(f"need one train and one val tensor per checkpoint, got {len(train)} and {len(val)}")
     _whole("n_subtasks", n_subtasks)
@@ -876,7 +877,6 @@ def _check_influence_inputs(train, val, checkpoint_weights, n_subtasks):
                              "(N, k) and (M, k): an empty side has no score")
         if v.shape[0] != M or t.shape[1] != v.shape[1] or t.shape[0] != train[0].shape[0]:
             raise ValueError(f"checkpoint {i}: train {tuple(t.shape)} and val {tuple(v.shape)} do not match the others")
-    eta = torch.as_tensor([1.0] * len(train) if checkpoint_weights is None else checkpoint_weights, dtype=torch.float64)
     if eta.numel() != len(train) or (eta < 0).any() or eta.sum() <= 0 or not torch.isfinite(eta).all():
         raise ValueError(f"checkpoint_weights must be {len(train)} finite non-negative numbers with a positive sum, "
                          f"got {eta.tolist()}")
@@ -889,12 +889,11 @@ def _check_selection(scores, fraction, k):
     if (fraction is None) == (k is None):
         raise ValueError("give exactly one of fraction or k")
     if not torch.is_tensor(scores) or scores.dim() != 1:
-        raise ValueError(f"scores must be a 1-D tensor (a score per example), got "
-                         f"{getattr(scores, 'shape', type(scores))}")
+        raise ValueError(f"scores must be a 1-D tensor (a score per example), got {getattr(scores, 'shape', scores)}")
     if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    k = int(fraction * scores.shape[0]) if fraction is not None else k
-    _whole("k", k, 0, scores.shape[0])
+    if k is not None:  # int(fraction N) is in [0, N] for fraction in (0, 1]
+        _whole("k", k, 0, scores.shape[0])
     if torch.isnan(scores).any():
         raise ValueError(f"score {torch.isnan(scores).nonzero()[0].item()} is NaN")
 
@@ -944,13 +943,14 @@ def _check_checkpoint_order(paths, identities):
                              "epoch order, as the checkpoint weights are")
 
 
-def _check_model_inputs(model, examples):
-    """The model has a trainable parameter and the examples fit its vocabulary."""
+def _check_model_inputs(model, *example_sets):
+    """The model has a trainable parameter and each set of examples fits its vocabulary."""
     if not trainable_parameters(model):
         raise ValueError("the model has no trainable parameter (requires_grad): nothing to take gradients of")
     emb = getattr(model, "get_input_embeddings", lambda: None)()
     vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
-    check_examples(examples, vocab)
+    for examples in example_sets:
+        check_examples(examples, vocab)
 
 
 def _token_tensor(ex, key, i):

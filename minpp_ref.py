@@ -30,35 +30,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["unit_weights", "prefix_weights", "cumulative_weights", "minpp_probs", "minpp_logits", "minpp_loss_plain",
-           "minpp_loss", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "next_token_probs",
-           "next_token", "threshold_grid", "MinPPlusHead", "weight_entropy", "regulariser", "answer_logits",
-           "train_head", "BandStats", "band_statistics", "band_loss", "generate", "minpp_logits_processor",
-           "check_thresholds"]
+__all__ = ["minpp_probs", "minpp_logits", "cumulative_weights", "prefix_weights", "unit_weights",
+           "minpp_loss_plain", "minpp_loss", "MinPPlusHead", "threshold_grid", "answer_logits", "train_head",
+           "BandStats", "band_statistics", "band_loss", "regulariser", "weight_entropy", "next_token",
+           "next_token_probs", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "generate",
+           "minpp_logits_processor", "check_thresholds"]
 
 
 # ============================================================================
 # 1. The method: the MinP+ transform and its loss, in plain torch
-
-
-def unit_weights(w):
-    """w / max(w), float32. q does not change with the scale of w, and this keeps extreme but valid weights
-    (1e-45 or 3e38: subnormal products, sums that overflow) exact. Differentiable (autograd through max)."""
-    w = w.double()  # K numbers: float64 keeps subnormal float32 weights exact
-    return (w / w.max()).float()
-
-
-def prefix_weights(w):
-    """(K+1,) float32: prefix[j] = w_1 + ... + w_j, so c = prefix[number of thresholds passed]."""
-    return F.pad(torch.cumsum(w.float(), 0), (1, 0))
-
-
-def cumulative_weights(ratio_or_logratio, boundaries, w):
-    """c_v = sum_{i: boundary_i <= x_v} w_i via bucketize (count of boundaries <= x) and a prefix sum, float32;
-    boundaries are tau (probs form) or log tau (logits form)."""
-    prefix = prefix_weights(w)
-    idx = torch.bucketize(ratio_or_logratio, boundaries.contiguous(), right=True)  # (N, V) in [0, K]
-    return prefix[idx]
 
 
 def minpp_probs(probs, tau, w, check=True):
@@ -66,10 +46,10 @@ def minpp_probs(probs, tau, w, check=True):
     check=False skips check_thresholds (for a caller that checked tau and w once, as generate does)."""
     if check:
         check_thresholds(tau, w)
-    p = _check_probs(probs)
-    p = p / p.sum(-1, keepdim=True)
+    p = _check_probs(probs)  # (N, V) float32
+    p = p / p.sum(-1, keepdim=True)  # (N, V), rows sum to 1
     r = p / p.amax(-1, keepdim=True)  # (N, V) in [0, 1]; the max token has r == 1 exactly
-    q = p * cumulative_weights(r, tau.to(p), unit_weights(w).to(p))
+    q = p * cumulative_weights(r, tau.to(p), unit_weights(w).to(p))  # (N, V)
     return q / q.sum(-1, keepdim=True)  # sum > 0: the max token gets c = sum(w) > 0
 
 
@@ -79,17 +59,37 @@ def minpp_logits(logits, tau, w, check=True):
     limits (1e-45, 3e38) stay finite and exact. check: as in minpp_probs."""
     if check:
         check_thresholds(tau, w)
-    z = logits.float()
+    z = logits.float()  # (N, V)
     d = z + _row_max(z).neg()  # (N, V) <= 0, log r
     c = cumulative_weights(d, tau.to(z).log(), unit_weights(w).to(z))  # log 0 = -inf: tau = 0 passes every token
-    return z + (c.log() + w.double().max().log().float().to(z.device))
+    return z + (c.log() + w.double().max().log().float().to(z.device))  # (N, V)
+
+
+def cumulative_weights(ratio_or_logratio, boundaries, w):
+    """c_v = sum_{i: boundary_i <= x_v} w_i via bucketize (count of boundaries <= x) and a prefix sum, float32;
+    boundaries are tau (probs form) or log tau (logits form)."""
+    prefix = prefix_weights(w)  # (K+1,)
+    idx = torch.bucketize(ratio_or_logratio, boundaries.contiguous(), right=True)  # (N, V) in [0, K]
+    return prefix[idx]  # (N, V)
+
+
+def prefix_weights(w):
+    """(K+1,) float32: prefix[j] = w_1 + ... + w_j, so c = prefix[number of thresholds passed]."""
+    return F.pad(torch.cumsum(w.float(), 0), (1, 0))  # (K+1,)
+
+
+def unit_weights(w):
+    """w / max(w), float32. q does not change with the scale of w, and this keeps extreme but valid weights
+    (1e-45 or 3e38: subnormal products, sums that overflow) exact. Differentiable (autograd through max)."""
+    w = w.double()  # K numbers: float64 keeps subnormal float32 weights exact
+    return (w / w.max()).float()  # (K,), max 1
 
 
 def minpp_loss_plain(logits, target, tau, w, ignore_index=-100):
     """The definition of the training loss: mean over scored rows of -log q_t, q = softmax(z + log c), i.e.
     F.cross_entropy(minpp_logits(z, tau, w), target), z = logits / T already. float32; (N, V) in memory --
     minpp_loss, right below, computes the same chunk by chunk."""
-    return F.cross_entropy(minpp_logits(logits, tau, w), target, ignore_index=ignore_index)
+    return F.cross_entropy(minpp_logits(logits, tau, w), target, ignore_index=ignore_index)  # scalar
 
 
 def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
@@ -99,13 +99,13 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
     warning says how many and where. Gradients flow to logits and w."""
     scored = _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows)  # (N,): rows whose target counts
     n, chunk_rows = int(scored.sum()), chunk_rows or max(1, 2 ** 22 // logits.shape[1])  # 16 MB of logits a chunk
-    log_tau = tau.to(logits.device, torch.float32).log()
+    log_tau = tau.to(logits.device, torch.float32).log()  # (K,), -inf for tau = 0
     w1 = unit_weights(w)  # q is scale-free in w; max 1 keeps extreme weights exact (grad: d w1 / d w by autograd)
-    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows, n)
+    loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows, n)  # scalar
     if torch.isinf(loss):  # rare: name the rows (plain form, no grad); the mean of finite rows is finite
         with torch.no_grad():
-            lz = minpp_logits(logits[scored], tau, w)
-            bad = torch.isinf(F.cross_entropy(lz, target[scored], reduction="none"))
+            lz = minpp_logits(logits[scored], tau, w)  # (n, V)
+            bad = torch.isinf(F.cross_entropy(lz, target[scored], reduction="none"))  # (n,)
             zero_c, rows = torch.isneginf(lz.gather(1, target[scored, None])[:, 0]) & bad, scored.nonzero()[:, 0][bad]
         warnings.warn(f"MinP+ loss is inf at {rows.numel()} target(s), first at row {rows[0].item()}: "
                       f"{int(zero_c.sum())} have c = 0 (below every threshold with weight > 0; add tau = 0 to the "
@@ -116,21 +116,6 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
 
 # ============================================================================
 # 2. The learnable head and its training
-
-
-def threshold_grid(K=32, grid="log", tau_min=1e-3):
-    """K thresholds with tau_1 = 0 (so the loss is always finite): 'log' = [0, geomspace(tau_min, 1, K-1)],
-    'linear' = linspace(0, 1, K). float32."""
-    if K < 2:
-        raise ValueError(f"K must be >= 2 (tau = 0 plus at least one threshold), got {K}")
-    if grid == "log":
-        if not 0 < tau_min < 1:
-            raise ValueError(f"tau_min must be in (0, 1), got {tau_min}")
-        rest = torch.logspace(math.log10(tau_min), 0.0, K - 1, dtype=torch.float64)
-        return torch.cat([torch.zeros(1, dtype=torch.float64), rest]).float()
-    if grid == "linear":
-        return torch.linspace(0, 1, K, dtype=torch.float64).float()
-    raise ValueError(f"grid must be 'log' or 'linear', got {grid!r}")
 
 
 class MinPPlusHead(nn.Module):
@@ -145,19 +130,19 @@ class MinPPlusHead(nn.Module):
 
     @property
     def w(self):
-        return F.softplus(self.theta)
+        return F.softplus(self.theta)  # (K,)
 
     def forward(self, probs):
-        return minpp_probs(probs, self.tau, self.w)
+        return minpp_probs(probs, self.tau, self.w)  # (N, V)
 
     def forward_logits(self, logits):
-        return minpp_logits(logits, self.tau, self.w)
+        return minpp_logits(logits, self.tau, self.w)  # (N, V)
 
     def active(self, min_share=1e-3):
         """(tau, w) pairs whose weight share w / sum(w) is >= min_share."""
-        w = self.w.detach()
-        keep = w / w.sum() >= min_share
-        return self.tau[keep].clone(), w[keep].clone()
+        w = self.w.detach()  # (K,)
+        keep = w / w.sum() >= min_share  # (K,) bool
+        return self.tau[keep].clone(), w[keep].clone()  # (K',) each
 
     def save(self, path):
         """safetensors file (tau, theta), written to a temp file then renamed, with the umask's permissions; a failed
@@ -170,8 +155,7 @@ class MinPPlusHead(nn.Module):
         try:
             save_file({"tau": self.tau.contiguous(), "theta": self.theta.detach().contiguous()}, tmp,
                       metadata={"format": "minpp-head-v1"})
-            mask = os.umask(0)
-            os.umask(mask)
+            os.umask(mask := os.umask(0))  # read the umask (it can only be read by setting it)
             os.chmod(tmp, 0o666 & ~mask)  # safetensors writes 0600
             os.replace(tmp, path)
         except Exception as e:  # safetensors' own error is not an OSError
@@ -204,18 +188,19 @@ class MinPPlusHead(nn.Module):
                 f.write(json.dumps({"tau": t, "w": v}) + "\n")
 
 
-def weight_entropy(w):
-    """H(pi), pi = w / sum(w), in nats (0 * log 0 = 0). float32."""
-    pi = w.float() / w.float().sum()
-    return -(pi * torch.log(pi.clamp_min(1e-30))).sum()
-
-
-def regulariser(w, kind="entropy"):
-    """'entropy': H(w / sum w) -- with total = CE + lam * H, lam > 0 SHARPENS (fewer active thresholds) and
-    lam < 0 smooths. 'l1': sum(w)."""
-    if kind in ("entropy", "l1"):
-        return weight_entropy(w) if kind == "entropy" else w.float().sum()
-    raise ValueError(f"regulariser must be 'entropy' or 'l1', got {kind!r}")
+def threshold_grid(K=32, grid="log", tau_min=1e-3):
+    """K thresholds with tau_1 = 0 (so the loss is always finite): 'log' = [0, geomspace(tau_min, 1, K-1)],
+    'linear' = linspace(0, 1, K). float32."""
+    if K < 2:
+        raise ValueError(f"K must be >= 2 (tau = 0 plus at least one threshold), got {K}")
+    if grid == "log":
+        if not 0 < tau_min < 1:
+            raise ValueError(f"tau_min must be in (0, 1), got {tau_min}")
+        rest = torch.logspace(math.log10(tau_min), 0.0, K - 1, dtype=torch.float64)  # (K-1,)
+        return torch.cat([torch.zeros(1, dtype=torch.float64), rest]).float()  # (K,)
+    if grid == "linear":
+        return torch.linspace(0, 1, K, dtype=torch.float64).float()  # (K,)
+    raise ValueError(f"grid must be 'log' or 'linear', got {grid!r}")
 
 
 @torch.no_grad()
@@ -224,9 +209,9 @@ def answer_logits(model, input_ids, labels, attention_mask=None):
     shift (position i predicts labels[i + 1]); rows whose label is -100 are dropped."""
     model.eval()
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
-    tgt = labels[:, 1:]
-    keep = tgt != -100
-    return logits[keep].float(), tgt[keep]
+    tgt = labels[:, 1:]  # (B, T-1)
+    keep = tgt != -100  # (B, T-1) bool
+    return logits[keep].float(), tgt[keep]  # (n, V), (n,)
 
 
 def train_head(head, logits, target=None, steps=300, lr=0.1, reg="entropy", lam=0.0, temperature=None, log_every=0):
@@ -247,7 +232,7 @@ def train_head(head, logits, target=None, steps=300, lr=0.1, reg="entropy", lam=
     check_thresholds(head.tau, head.w)
     opt = torch.optim.Adam([head.theta], lr=lr)
     for step in range(steps):
-        loss = _band_loss(stats, head.w) + lam * regulariser(head.w, reg)
+        loss = _band_loss(stats, head.w) + lam * regulariser(head.w, reg)  # scalar
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -292,26 +277,26 @@ def band_statistics(logits, target, tau, temperature=1.0, ignore_index=-100, wei
                                         and weight[scored].sum() > 0)):
         raise ValueError(f"weight must be a ({target.numel()},) tensor of finite numbers >= 0, not all 0 on scored "
                          "rows")
-    log_tau, out, ws = tau.to(logits.device, torch.float32).log(), [], None
+    log_tau, out, ws = tau.to(logits.device, torch.float32).log(), [], None  # (K,)
     grid = _uniform_grid(log_tau)
     for s in range(0, logits.shape[0], chunk_rows):
-        z, keep = logits[s:s + chunk_rows].float() / T, scored[s:s + chunk_rows]
+        z, keep = logits[s:s + chunk_rows].float() / T, scored[s:s + chunk_rows]  # (c, V), (c,)
         m = _row_max(z, s)  # every row checked, as minpp_loss does; the error names the caller's row
         z, m = z[keep], m[keep]  # (n, V), (n, 1): the scored rows
-        d_t = z.gather(1, target[s:s + chunk_rows][keep, None])[:, 0] - m[:, 0]
+        d_t = z.gather(1, target[s:s + chunk_rows][keep, None])[:, 0] - m[:, 0]  # (n,) log r_t
         if grid:  # evenly spaced thresholds: every token's band in O(1), as minpp_loss's fast path does
             ws = ws or _bucket_workspace(logits[:chunk_rows])
-            e = torch.empty_like(z)
-            j, _ = _dense_buckets(z, m, log_tau, grid, e, ws)
+            e = torch.empty_like(z)  # (n, V)
+            j, _ = _dense_buckets(z, m, log_tau, grid, e, ws)  # (n, V) in 0..K
         else:
-            e = z - m
+            e = z - m  # (n, V)
             j = torch.bucketize(e, log_tau, right=True)  # (n, V) in 0..K
             e.exp_()
-        H = torch.zeros(z.shape[0], tau.numel() + 1, device=z.device).scatter_add_(1, j, e).double()
-        Z = H.sum(1)
+        H = torch.zeros(z.shape[0], tau.numel() + 1, device=z.device).scatter_add_(1, j, e).double()  # (n, K+1)
+        Z = H.sum(1)  # (n,)
         mass = H.flip(1).cumsum(1).flip(1)[:, 1:] / Z[:, None]  # (n, K)
         out.append((d_t.double() - Z.log(), torch.bucketize(d_t, log_tau, right=True), mass))
-    w = torch.ones(int(scored.sum()), dtype=torch.float64) if weight is None else weight[scored].double()
+    w = torch.ones(int(scored.sum()), dtype=torch.float64) if weight is None else weight[scored].double()  # (N,)
     return BandStats(*(torch.cat(x) for x in zip(*out)), w.to(logits.device), tau.detach().float().cpu().clone(), T)
 
 
@@ -326,14 +311,28 @@ def band_loss(stats, w):
 
 
 def _band_loss(stats, w):
-    w1 = unit_weights(w).to(stats.mass.device).double()
+    w1 = unit_weights(w).to(stats.mass.device).double()  # (K,)
     row = (stats.mass @ w1).log() - F.pad(w1.cumsum(0), (1, 0))[stats.band].log() - stats.log_p  # (N,)
-    loss = (stats.weight * row).sum() / stats.weight.sum()
+    loss = (stats.weight * row).sum() / stats.weight.sum()  # scalar
     if torch.isinf(loss):
         bad = torch.isinf(row).nonzero()[:, 0]
         warnings.warn(f"MinP+ loss is inf at {bad.numel()} row(s), first {bad[0].item()}: c = 0 at the target "
                       "(below every threshold with weight > 0; add tau = 0 to the grid)")
     return loss.float()
+
+
+def regulariser(w, kind="entropy"):
+    """'entropy': H(w / sum w) -- with total = CE + lam * H, lam > 0 SHARPENS (fewer active thresholds) and
+    lam < 0 smooths. 'l1': sum(w)."""
+    if kind in ("entropy", "l1"):
+        return weight_entropy(w) if kind == "entropy" else w.float().sum()
+    raise ValueError(f"regulariser must be 'entropy' or 'l1', got {kind!r}")
+
+
+def weight_entropy(w):
+    """H(pi), pi = w / sum(w), in nats (0 * log 0 = 0). float32."""
+    pi = w.float() / w.float().sum()  # (K,)
+    return -(pi * torch.log(pi.clamp_min(1e-30))).sum()
 
 
 # ============================================================================
@@ -345,7 +344,7 @@ def _uniform_grid(log_tau):
     trunc(u), u = x / h + c1, x = log r ('log': positive thresholds evenly spaced in log tau) or r ('linear').
     Each float32 threshold must land within 1e-4 of its integer, so tokens with u 1e-3 or more from an integer
     are bucketed exactly (u is monotone in log r) and the few nearer ones are bucketized. None otherwise."""
-    lt = log_tau.float().cpu()
+    lt = log_tau.float().cpu()  # (K,)
     n0, K = int(torch.isneginf(lt).sum()), lt.numel()
     for space, x in (("log", lt[n0:]), ("linear", lt.exp())):
         first = n0 if space == "log" else 0  # bucket index of the first threshold of x, minus 1
@@ -353,7 +352,7 @@ def _uniform_grid(log_tau):
             continue
         h = (x[-1].double() - x[0].double()).item() / (x.numel() - 1)
         inv_h, c1 = 1 / h, first + 1 - x[0].item() / h
-        u = torch.mul(x, inv_h).add_(c1)
+        u = torch.mul(x, inv_h).add_(c1)  # (len(x),): should be whole numbers
         if (u - torch.arange(first + 1, first + 1 + x.numel())).abs().max() < 1e-4:
             return space, c1, inv_h, n0, K
     return None
@@ -371,7 +370,7 @@ def _dense_buckets(z, m, log_tau, grid, e, ws, fix=None):
     within 1e-3 of a threshold in u are bucketized exactly (fix = their (positions, buckets), found if None)."""
     space, c1, inv_h, n0, K = grid
     n = z.shape[0]
-    u, tmp, j, near = (ws[k][:n] for k in ("u", "tmp", "j", "near"))
+    u, tmp, j, near = (ws[k][:n] for k in ("u", "tmp", "j", "near"))  # (n, V) each
     torch.sub(z, m, out=e)
     if space == "log":
         torch.mul(e, inv_h, out=u).add_(c1)
@@ -382,8 +381,8 @@ def _dense_buckets(z, m, log_tau, grid, e, ws, fix=None):
     j.copy_(u)  # trunc: the bucket
     if fix is None:
         torch.round(u, out=tmp).sub_(u).abs_()
-        pos = torch.lt(tmp, 1e-3, out=near).view(-1).nonzero()[:, 0]
-        d = z.reshape(-1)[pos].float() - m[pos // z.shape[1], 0]
+        pos = torch.lt(tmp, 1e-3, out=near).view(-1).nonzero()[:, 0]  # (P,) flat positions
+        d = z.reshape(-1)[pos].float() - m[pos // z.shape[1], 0]  # (P,)
         fix = pos, torch.bucketize(d, log_tau, right=True)
     j.view(-1)[fix[0]] = fix[1]
     return j, fix
@@ -425,10 +424,10 @@ class _MinPPCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, log_tau, w, chunk_rows, n):
-        prefix = prefix_weights(w)
+        prefix = prefix_weights(w)  # (K+1,)
         grid = _uniform_grid(log_tau)
-        scored = target >= 0  # ignored rows come in as -1
-        t = target.clamp(min=0)
+        scored = target >= 0  # (N,): ignored rows come in as -1
+        t = target.clamp(min=0)  # (N,)
         total = logits.new_zeros((), dtype=torch.float64)  # finite row losses whose float32 sum would overflow
         stats = []
         buf = torch.empty(min(chunk_rows, logits.shape[0]), logits.shape[1], device=logits.device)  # reused
@@ -436,7 +435,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         for s in range(0, logits.shape[0], chunk_rows):
             z, tc, sc = logits[s:s + chunk_rows], t[s:s + chunk_rows], scored[s:s + chunk_rows]
             m = _row_max(z, s).float()  # the max is exact in any dtype: no float32 copy of the chunk
-            e = buf[:z.shape[0]]
+            e = buf[:z.shape[0]]  # (n, V)
             cand = _MinPPCrossEntropy._candidates(z, m, log_tau)
             if grid and int(torch.count_nonzero(cand[1])) > z.numel() // 8:  # many above tau_min: O(1) buckets
                 ws = ws or _bucket_workspace(buf)
@@ -444,14 +443,14 @@ class _MinPPCrossEntropy(torch.autograd.Function):
                 hist = torch.zeros(z.shape[0], prefix.numel(), device=z.device).scatter_add_(1, j, e)  # (n, K+1)
                 S, keep = hist @ prefix, ("dense", hist, fix)
             else:  # few tokens above tau_min (or no even grid): bucketize those only
-                e_sum = torch.sub(z, m, out=e).exp_().sum(-1)
+                e_sum = torch.sub(z, m, out=e).exp_().sum(-1)  # (n,)
                 n0, pos, rows, e_pos, bucket = above = _MinPPCrossEntropy._above(z, m, log_tau, cand)
-                S = prefix[n0] * e_sum
+                S = prefix[n0] * e_sum  # (n,)
                 S.index_add_(0, rows, e_pos * (prefix[bucket] - prefix[n0]))
                 # keep the tokens above tau_min for backward unless they are many (flat distributions)
                 keep = ("sparse", e_sum, above if pos.numel() <= z.numel() // 8 else None)
-            d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]
-            row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()
+            d_t = z.gather(1, tc[:, None])[:, 0].float() - m[:, 0]  # (n,)
+            row_loss = S.log() - d_t - prefix[torch.bucketize(d_t, log_tau, right=True)].log()  # (n,)
             total = total + row_loss[sc].double().sum()
             stats.append((m, S, d_t, keep))
         ctx.save_for_backward(logits, t, scored, log_tau, w)
@@ -461,7 +460,7 @@ class _MinPPCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         logits, t, scored, log_tau, w = ctx.saved_tensors
-        prefix = prefix_weights(w)
+        prefix = prefix_weights(w)  # (K+1,)
         want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_z = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_z else None
         g_prefix = torch.zeros_like(prefix, dtype=torch.float64)  # K + 1 sums of up to N V terms: float64
@@ -470,11 +469,11 @@ class _MinPPCrossEntropy(torch.autograd.Function):
         for (m, S, d_t, keep), s in zip(ctx.stats, range(0, logits.shape[0], ctx.chunk_rows)):
             z, tc = logits[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows]
             g_row = scored[s:s + ctx.chunk_rows].float() * (grad_total / ctx.n)  # (n,) d mean / d row loss
-            scale = g_row / S
+            scale = g_row / S  # (n,)
             if want_w:
-                b_t = torch.bucketize(d_t, log_tau, right=True)
+                b_t = torch.bucketize(d_t, log_tau, right=True)  # (n,)
                 g_prefix.index_add_(0, b_t, (-g_row / prefix[b_t]).double())
-            g = grad_z[s:s + ctx.chunk_rows] if want_z else None
+            g = grad_z[s:s + ctx.chunk_rows] if want_z else None  # (n, V)
             if keep[0] == "dense":
                 _, hist, fix = keep
                 if want_w:
@@ -502,50 +501,13 @@ class _MinPPCrossEntropy(torch.autograd.Function):
 # 5. The classic samplers: temperature, then top-k, top-p, min-p (transformers' order)
 
 
-def apply_temperature(logits, temperature):
-    """(z - max z) / T in float32: softmax(z / T) with the row max shifted to 0, so a tiny T never overflows
-    (T -> 0 tends to argmax, ties shared; do_sample=False is argmax). T must be finite and > 0."""
-    T = _real("temperature", temperature, 0, math.inf, lo_open=True)
-    z = _check_logits(logits)
-    return (z - z.amax(-1, keepdim=True)) / T
-
-
-def _renormalise(p, keep):
-    q = torch.where(keep, p, 0.0)
-    return q.div_(q.sum(-1, keepdim=True))
-
-
-def apply_top_k(probs, k):
-    """Keep p_v >= the k-th largest p (all ties with the k-th are kept: order-free), renormalise. float32."""
-    if _real("top_k", k, 1, math.inf) != int(k):
-        raise ValueError(f"top_k must be a whole number >= 1, got {k!r}")
-    p = _check_probs(probs)
-    kth = torch.topk(p, min(int(k), p.shape[-1]), dim=-1).values[..., -1:]
-    return _renormalise(p, p >= kth)
-
-
-def apply_top_p(probs, top_p):
-    """Nucleus: keep the smallest prefix (by descending p) with mass >= top_p, i.e. token i of the sorted
-    order is kept iff s_1 + ... + s_(i-1) < top_p (an exclusive cumsum, shifted, not cumsum - s: that rounds);
-    tokens tied with the last kept one are kept too (order-free). top_p = 1 keeps every token (a float32
-    cumsum reaches 1.0 before the tail). float32, renormalised; the most likely token is always kept."""
-    top_p = _real("top_p", top_p, 0, 1, lo_open=True)
-    p = _check_probs(probs)
-    p = p / p.sum(-1, keepdim=True)
-    if top_p == 1:
-        return p
-    s = torch.sort(p, dim=-1, descending=True).values  # (N, V)
-    before = F.pad(torch.cumsum(s, -1)[..., :-1], (1, 0))  # mass strictly before each sorted token
-    kept = (before < top_p).sum(-1, keepdim=True)  # >= 1: before[0] = 0
-    return _renormalise(p, p >= s.gather(-1, kept - 1))
-
-
-def apply_min_p(probs, p_base):
-    """Keep p_v >= p_base * max p (r_v >= p_base up to rounding; the boundary token is kept), renormalise.
-    float32."""
-    p_base = _real("p_base (min_p)", p_base, 0, 1)
-    p = _check_probs(probs)
-    return _renormalise(p, p >= p_base * p.amax(-1, keepdim=True))
+def next_token(logits, do_sample=True, generator=None, **filters):
+    """(N,) token ids: argmax of the logits when do_sample is False (every filter keeps the argmax, and MinP+
+    never lowers it: q/p grows with r), otherwise a draw from next_token_probs(logits, **filters)."""
+    if not do_sample:
+        _check_logits(logits)
+        return logits.float().argmax(-1)  # (N,)
+    return torch.multinomial(next_token_probs(logits, **filters), 1, generator=generator)[:, 0]
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, minpp=None, check=True):
@@ -558,13 +520,50 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None
     return p if minpp is None else minpp_probs(p, *minpp, check=check)
 
 
-def next_token(logits, do_sample=True, generator=None, **filters):
-    """(N,) token ids: argmax of the logits when do_sample is False (every filter keeps the argmax, and MinP+
-    never lowers it: q/p grows with r), otherwise a draw from next_token_probs(logits, **filters)."""
-    if not do_sample:
-        _check_logits(logits)
-        return logits.float().argmax(-1)
-    return torch.multinomial(next_token_probs(logits, **filters), 1, generator=generator)[:, 0]
+def apply_temperature(logits, temperature):
+    """(z - max z) / T in float32: softmax(z / T) with the row max shifted to 0, so a tiny T never overflows
+    (T -> 0 tends to argmax, ties shared; do_sample=False is argmax). T must be finite and > 0."""
+    T = _real("temperature", temperature, 0, math.inf, lo_open=True)
+    z = _check_logits(logits)  # (N, V)
+    return (z - z.amax(-1, keepdim=True)) / T  # (N, V)
+
+
+def apply_top_k(probs, k):
+    """Keep p_v >= the k-th largest p (all ties with the k-th are kept: order-free), renormalise. float32."""
+    if _real("top_k", k, 1, math.inf) != int(k):
+        raise ValueError(f"top_k must be a whole number >= 1, got {k!r}")
+    p = _check_probs(probs)  # (N, V)
+    kth = torch.topk(p, min(int(k), p.shape[-1]), dim=-1).values[..., -1:]  # (N, 1)
+    return _renormalise(p, p >= kth)
+
+
+def apply_top_p(probs, top_p):
+    """Nucleus: keep the smallest prefix (by descending p) with mass >= top_p, i.e. token i of the sorted
+    order is kept iff s_1 + ... + s_(i-1) < top_p (an exclusive cumsum, shifted, not cumsum - s: that rounds);
+    tokens tied with the last kept one are kept too (order-free). top_p = 1 keeps every token (a float32
+    cumsum reaches 1.0 before the tail). float32, renormalised; the most likely token is always kept."""
+    top_p = _real("top_p", top_p, 0, 1, lo_open=True)
+    p = _check_probs(probs)  # (N, V)
+    p = p / p.sum(-1, keepdim=True)  # (N, V)
+    if top_p == 1:
+        return p
+    s = torch.sort(p, dim=-1, descending=True).values  # (N, V)
+    before = F.pad(torch.cumsum(s, -1)[..., :-1], (1, 0))  # mass strictly before each sorted token
+    kept = (before < top_p).sum(-1, keepdim=True)  # >= 1: before[0] = 0
+    return _renormalise(p, p >= s.gather(-1, kept - 1))
+
+
+def apply_min_p(probs, p_base):
+    """Keep p_v >= p_base * max p (r_v >= p_base up to rounding; the boundary token is kept), renormalise.
+    float32."""
+    p_base = _real("p_base (min_p)", p_base, 0, 1)
+    p = _check_probs(probs)  # (N, V)
+    return _renormalise(p, p >= p_base * p.amax(-1, keepdim=True))
+
+
+def _renormalise(p, keep):
+    q = torch.where(keep, p, 0.0)  # (N, V)
+    return q.div_(q.sum(-1, keepdim=True))
 
 
 # ============================================================================
@@ -591,12 +590,12 @@ def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None
     window = max((len(s.encode("utf-8")) + 1 for s in stop_strings), default=0)
     model.eval()
     dev = input_ids.device
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev, torch.long)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev, torch.long)  # (B, T)
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T): padding gets 0, real tokens 0, 1, ...
-    done = torch.zeros(B, dtype=torch.bool)
+    done = torch.zeros(B, dtype=torch.bool)  # (B,)
     res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
     for _ in range(max_new_tokens):
-        tok = next_token(res.logits[:, -1], do_sample=do_sample, generator=generator, check=False, **filters)
+        tok = next_token(res.logits[:, -1], do_sample=do_sample, generator=generator, check=False, **filters)  # (B,)
         for i, t in enumerate(tok.tolist()):
             if done[i]:
                 continue
@@ -623,7 +622,7 @@ def minpp_logits_processor(tau, w, temperature=1.0):
 
     T = _real("temperature", temperature, 0, math.inf, lo_open=True)
     check_thresholds(tau, w)
-    tau_T = (tau.double() ** T).float()
+    tau_T = (tau.double() ** T).float()  # (K,)
     try:
         check_thresholds(tau_T, w)
     except ValueError as e:
@@ -635,7 +634,7 @@ def minpp_logits_processor(tau, w, temperature=1.0):
             self.tau, self.w = tau_T, w.float()
 
         def __call__(self, input_ids, scores):
-            z = scores.float()
+            z = scores.float()  # (B, V)
             out = minpp_logits(z, self.tau.to(z.device), self.w.to(z.device), check=False)  # z + log c
             return torch.where(torch.isfinite(out), z + T * (out - z), out).to(scores.dtype)
 
@@ -643,7 +642,7 @@ def minpp_logits_processor(tau, w, temperature=1.0):
 
 
 # ============================================================================
-# 7. Input checks: every bad input is an error that says what and where, checked once at the public boundary
+# 7. Input checks: every bad input is an error that says what and where, checked once per public call
 
 
 def check_thresholds(tau, w):

@@ -1649,6 +1649,34 @@ def test_the_fast_projection_equals_the_plain_one(kind, s, row0):
     assert torch.equal(R.sign(), rule.sign()) and torch.allclose(R, rule, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_less_scores_fast_path_equals_its_plain_definition(kind):
+    """less_scores (vmap gradients, R made block by block) equals less_scores(plain=True) -- a backward per example,
+    R whole from projection_matrix -- over two checkpoints with their own weights, on a model with dropout (eval mode
+    must hold in both paths); and plain=True equals the float64 scores of the rule written out in this file."""
+    model, opt, named = _trainer_setup()
+    for m in model.modules():  # dropout on: a path that leaves train mode would give other gradients each call
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    model.train()
+    pool, val = _examples(6), _examples(4, seed=3, prefix="val")
+    ckpts = []
+    for c in range(2):
+        model(input_ids=torch.tensor([pool[c]["input_ids"]]), labels=torch.tensor([pool[c]["labels"]])).loss.backward()
+        opt.step()
+        ckpts.append(({n: p.detach().clone() for n, p in model.named_parameters()}, _moments(opt, named), [0.4, 0.6][c]))
+    proj = ref.Projection(64, 3, kind)
+    plain = ref.less_scores(model, ckpts, pool, val, proj, n_subtasks=2, plain=True)
+    assert_close(ref.less_scores(model, ckpts, pool, val, proj, n_subtasks=2), plain.double(), "fast vs plain")
+    R = (documented_matrix if kind == "rademacher" else documented_sjlt)(sum(p.numel() for _, p in named), 64, 3)
+    t64, v64 = [], []
+    for weights, (m, v), _ in ckpts:
+        model.load_state_dict(weights)
+        t64.append(adam64(loop_gradients(model, pool), m, v) @ R)
+        v64.append(loop_gradients(model, val).double() @ R)
+    assert_close(plain, scores64(t64, v64, [0.4, 0.6], 2), "plain vs float64")
+
+
 def test_hash_multiplication_is_exact():
     """_mul32 splits the product so int64 never overflows: compare with Python's big integers."""
     h = torch.tensor([0, 1, 2 ** 32 - 1, 123456789, 2 ** 31], dtype=torch.int64)
@@ -2090,8 +2118,7 @@ def test_progress_lines_come_on_a_timer(monkeypatch, capsys):
 
     from cli import common
     monkeypatch.setenv("PROGRESS_SECONDS", "0.1")
-    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.1)
-    for bar in (ref._Progress(10, "lib"), common.Progress(10, "cli"), common.Progress(None, "loading")):
+    for bar in (ref.Progress(10, "lib"), common.Progress(10, "cli"), common.Progress(None, "loading")):
         time.sleep(0.45)
         bar.close()
     err = capsys.readouterr().err.splitlines()

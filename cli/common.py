@@ -5,12 +5,13 @@ be carried out as written (an option's value, a missing or conflicting option, a
 exist or is of the wrong kind -- a model directory too -- or an output that would overwrite an input or another
 output), 1 when what is inside a file, a record or a model is wrong or the work fails; --debug shows the traceback."""
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
-import time
 
 ID_HEX = 32  # default ids: 'rec-' + 128 bits of the record's sha256; two records share one with p ~ n^2 / 2^129
 ID_MAX_CHARS = 1024  # a given id is a label, not content: longer ones are refused at read time
@@ -231,71 +232,13 @@ def check_gguf(model, gguf_file):
                          f"{', '.join(found) if found else 'none'})")
 
 
-# --- progress that a log file shows too
-PROGRESS_EVERY_S = float(os.environ.get("PROGRESS_SECONDS", 30))
-
-
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (nohup, a scheduler's log) a line on stderr at the first item, then every
-    PROGRESS_SECONDS of wall time (a timer: a slow item or a model load shows too; 0: at every item) and at the end:
-    'desc: done/total unit (pct), rate, ETA', the rate over the last ~5 minutes. total=None: a phase without a count
-    ('desc: 1m30s so far'). Use it as a context manager or call close()."""
-
-    def __init__(self, total, desc, unit="records", initial=0):
-        import threading
-        self.total, self.desc, self.unit, self.done = total, desc, unit, initial
-        self.marks, self.bar, self.first = [(time.time(), initial)], None, True
-        self.lock, self.stop = threading.Lock(), threading.Event()
-        if sys.stderr.isatty():
-            if total is not None:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit[:-1] if unit.endswith("s") else unit)
-        elif PROGRESS_EVERY_S > 0:
-            threading.Thread(target=self._tick, daemon=True).start()
-
-    def _tick(self):
-        while not self.stop.wait(PROGRESS_EVERY_S):
-            self._line()
-
-    def _line(self):
-        with self.lock:
-            now, (then, done_then) = time.time(), self.marks[0]
-            if self.total is None:
-                text = f"{self.desc}: {_duration(now - then)} so far"
-            else:
-                rate = (self.done - done_then) / max(now - then, 1e-9)
-                eta = (self.total - self.done) / rate if rate > 0 else math.inf
-                pct = 100 * self.done / max(self.total, 1)
-                text = (f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.2f} {self.unit}/s, "
-                        f"ETA {_duration(eta)}")
-                self.marks = (self.marks + [(now, self.done)])[-10:]  # a moving window: the last ~10 lines
-            print(text, file=sys.stderr, flush=True)
-
-    def update(self, n=1):
-        self.done += n
-        if self.bar is not None:
-            return self.bar.update(n)
-        if self.first or PROGRESS_EVERY_S <= 0 or self.done >= self.total:
-            self.first = False
-            self._line()
-
-    def close(self):
-        self.stop.set()
-        if self.bar is not None:
-            self.bar.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _duration(s):
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+# --- progress that a log file shows too: less_ref.Progress, the one implementation
+def Progress(total, desc, unit="records", initial=0):
+    """less_ref.Progress: a line on stderr at the first update, every PROGRESS_SECONDS of wall time (a timer: a slow
+    item or a model load shows too) and at the end, 'desc: done/total unit (pct), rate, ETA'; total=None: a phase
+    without a count ('desc: 1m30s so far'). less_ref (and torch with it) is imported here, after the checks."""
+    from less_ref import Progress
+    return Progress(total, desc, unit, initial)
 
 
 # --- models: a local directory or a GGUF file inside one; nothing is downloaded
@@ -365,28 +308,32 @@ def plain_model_dir(model, gguf_file, out, tokenizer=None):
         config.__dict__.pop(k, None)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(lm.state_dict())
-    tmp = f"{base}.tmp{os.getpid()}"
-    try:
+    with written(base) as tmp:  # a killed run leaves base-model.tmpPID, never a half base-model
         (tokenizer or load_tokenizer(model, gguf_file)).save_pretrained(tmp)
         plain.save_pretrained(tmp)
         with open(os.path.join(tmp, "source.json"), "w") as f:
             json.dump(source, f)
-        os.replace(tmp, base)  # a killed run leaves base-model.tmpPID, never a half base-model
-    except Exception as e:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"{base}: cannot write the dequantised model ({e})") from None
     return base
 
 
-def write_text(path, text):
-    """path written whole or not at all (temp file, then rename); a failure is one OSError naming the file."""
+@contextlib.contextmanager
+def written(path):
+    """The one atomic write of the tools: yields a temp path beside path (a file or a directory to fill), renamed to
+    path when the block ends, so a reader sees the old or the whole new content, never half of it; on a failure the
+    temp is removed and the error is one OSError naming path."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
+    except Exception as e:  # disk full, read-only directory, a library's own error type
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.remove(tmp)
-        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise OSError(f"{path}: cannot write ({getattr(e, 'strerror', None) or e})") from None
+
+
+def write_text(path, text):
+    """path written whole or not at all (written)."""
+    with written(path) as tmp, open(tmp, "w") as f:
+        f.write(text)

@@ -3,6 +3,7 @@
 Everything here is plumbing around the method in less_ref.py: model loading (a directory, a hub id or a GGUF
 file; a saved or fresh LoRA), JSONL reading, the commands, and an offline demo on a tiny model.
 """
+import contextlib
 import json
 import os
 import re
@@ -405,7 +406,7 @@ def collect(a):
     tok = load_tokenizer(a.model, a.gguf_file)  # data are read and checked before the model loads
     examples = [encode_example(r, tok, a.max_length) for r in read_jsonl(a.data)]
     check_examples(examples, len(tok))
-    with Progress(None, f"loading the model {a.model}"):
+    with contextlib.closing(Progress(None, f"loading the model {a.model}")):
         model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     path = collect_features(model, examples, a.out, a.grad_type, a.optimizer_state,

@@ -4,6 +4,7 @@ Plumbing around the method in minpp_ref.py: model loading (a directory, a hub id
 prompt/answer records, GSM8K answer checking ("#### N", compared as numbers), the commands, and an offline
 demo on a tiny model.
 """
+import contextlib
 import json
 import math
 import os
@@ -231,7 +232,7 @@ def main(argv=None):
     specs = {s: _sampler(s, head) for s in (a.samplers.split(",") if a.cmd == "eval" else [getattr(a, "sampler", "")])
              if a.cmd != "train"}
     rows = _records(a.data, need_answer_number=a.cmd == "eval") if a.cmd != "generate" else None
-    with Progress(None, f"loading the model {a.model}"):
+    with contextlib.closing(Progress(None, f"loading the model {a.model}")):
         model, tok = load_model(a.model, a.gguf_file).eval(), load_tokenizer(a.model, a.gguf_file, padding_side="left")
     if a.cmd == "train":
         return train(a, model, tok, rows)
