@@ -16,8 +16,8 @@ batch split and device -- and every stored feature row stays tied to its sample 
 Reading order: 1. the method -- less_scores (all of it, in memory; plain=True: the definitions only), then its parts
 in the order it uses them: the projection P (R from its per-entry rule; project, the block-by-block fast path, right
 after), per-example gradients (the loop; torch.func's vmap right after), Adam features, scores and selection;
-2. machinery (features in bounded memory, optimizer files, storage, sharding, resume, matching files, DataFlex's
-dynamic selection); 3. data preparation; 4. input checks. The tools are in cli/less.py. Imports with torch alone.
+2. machinery (entry points first: collect, merge, match, DataFlex's select_step; then ranks, resume, optimizer files,
+storage, bounded-memory features); 3. data preparation; 4. input checks. Tools: cli/less.py. Imports with torch alone.
 Precision: all arithmetic is float32 whatever the input dtype; features and scores are float32.
 """
 import contextlib
