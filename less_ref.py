@@ -889,7 +889,7 @@ def _check_selection(scores, fraction, k):
     if (fraction is None) == (k is None):
         raise ValueError("give exactly one of fraction or k")
     if not torch.is_tensor(scores) or scores.dim() != 1:
-        raise ValueError(f"scores must be a 1-D tensor (a score per example), got {getattr(scores, 'shape', scores)}")
+        raise ValueError(f"scores must be a 1-D tensor (one per example), got {getattr(scores, 'shape', type(scores))}")
     if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     if k is not None:  # int(fraction N) is in [0, N] for fraction in (0, 1]
