@@ -35,6 +35,7 @@ __all__ = ["minpp_probs", "minpp_logits", "cumulative_weights", "prefix_weights"
            "BandStats", "band_statistics", "band_loss", "regulariser", "weight_entropy", "next_token",
            "next_token_probs", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "generate",
            "minpp_logits_processor", "check_thresholds"]
+CHUNK_LOGITS = 2 ** 22  # minpp_loss, band_statistics: chunk_rows defaults to CHUNK_LOGITS // V (16 MB of float32)
 
 
 # ============================================================================
@@ -98,7 +99,7 @@ def minpp_loss(logits, target, tau, w, ignore_index=-100, chunk_rows=None):
     of the logits' gradient. A target with c_t = 0 has probability 0: its loss is +inf (math, not a bug) and a
     warning says how many and where. Gradients flow to logits and w."""
     scored = _check_loss_args(logits, target, tau, w, ignore_index, chunk_rows)  # (N,): rows whose target counts
-    n, chunk_rows = int(scored.sum()), chunk_rows or max(1, 2 ** 22 // logits.shape[1])  # 16 MB of logits a chunk
+    n, chunk_rows = int(scored.sum()), chunk_rows or max(1, CHUNK_LOGITS // logits.shape[1])
     log_tau = tau.to(logits.device, torch.float32).log()  # (K,), -inf for tau = 0
     w1 = unit_weights(w)  # q is scale-free in w; max 1 keeps extreme weights exact (grad: d w1 / d w by autograd)
     loss = _MinPPCrossEntropy.apply(logits, torch.where(scored, target, -1), log_tau, w1, chunk_rows, n)  # scalar
@@ -271,7 +272,7 @@ def band_statistics(logits, target, tau, temperature=1.0, ignore_index=-100, wei
     base probability of the target, detached)."""
     T = _real("temperature", temperature, 0, math.inf, lo_open=True)
     scored = _check_loss_args(logits, target, tau, None, ignore_index, chunk_rows)  # (N,)
-    chunk_rows = chunk_rows or max(1, 2 ** 22 // logits.shape[1])
+    chunk_rows = chunk_rows or max(1, CHUNK_LOGITS // logits.shape[1])
     if weight is not None and not (torch.is_tensor(weight) and weight.shape == target.shape and
                                    bool(torch.isfinite(weight).all() and (weight >= 0).all()
                                         and weight[scored].sum() > 0)):

@@ -136,10 +136,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parser(prog, description):
     """An ArgumentParser whose --help shows every default and the error convention."""
-    return _Parser(prog=prog, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                   epilog="A mistake is one line on stderr: exit status 2 for the command line itself, "
-                                          "1 for a file, a record or a model. --debug shows the traceback.")
+    return _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                   epilog="A mistake is one line on stderr: exit status 2 for the command line itself, "
+                          "1 for a file, a record or a model. --debug shows the traceback.")
 
 
 def subparser(sub, name, help):
