@@ -116,8 +116,10 @@ def _import(kind, config):
     name = config.getoption(f"--{kind}-impl")
     try:
         return importlib.import_module(name)
-    except ImportError as e:
-        pytest.exit(f"cannot import the {kind} implementation {name!r}: {e}", returncode=4)
+    except Exception as e:  # not found (exit 4), or any error the module raises while it loads (exit 1)
+        found = not isinstance(e, ModuleNotFoundError) or e.name != name
+        pytest.exit(f"{name}: import failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                    + ("" if found else f" (is it on PYTHONPATH? the {kind} implementation)"), returncode=1 if found else 4)
 
 
 @pytest.fixture(scope="module")
@@ -127,16 +129,21 @@ def impl(request):
     return Impl(_import(kind, request.config), kind)
 
 
+TUNING = {"chunk_rows", "block_rows", "slice_cols"}  # optional arguments that split the work, never change a value
+
+
 def call(fn, *args, **kwargs):
     """fn(*args, **kwargs) where the keyword arguments are optional features of the SPEC (chunk_rows, row_offset,
-    kind, slice_cols, ...): a None value is not passed (the function's default holds), and one the function's
-    signature does not take (and no **kwargs) skips the test naming it; a NotImplementedError skips too."""
+    kind, slice_cols, ...), probed per call: a None value is not passed (the function's default holds); a TUNING
+    argument the function does not take is dropped (the case runs with the function's own split), and any other
+    one it does not take (and no **kwargs) skips the case naming it; a NotImplementedError skips too."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         params = None
     if params is not None and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params or k not in TUNING}
         missing = [k for k in kwargs if k not in params]
         if missing:
             pytest.skip(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)} does not take "

@@ -13,11 +13,9 @@ randomly projected to proj_dim, L2-normalised, and matched against validation gr
 Unlike the original, the projection P is a pure function of (seed, row, column) -- identical for every block size,
 batch split and device -- and every stored feature row stays tied to its sample id by a checksum.
 
-Reading order: 1. the method -- less_scores (all of it, in memory; plain=True: the definitions only), then its parts
-in the order it uses them: the projection P (R from its per-entry rule; project, the block-by-block fast path, right
-after), per-example gradients (the loop; torch.func's vmap right after), Adam features, scores and selection;
-2. machinery (entry points first: collect, merge, match, DataFlex's select_step; then ranks, resume, optimizer files,
-storage, bounded-memory features); 3. data preparation; 4. input checks. Tools: cli/less.py. Imports with torch alone.
+Reading order: 1. the method -- less_scores, then its parts as it uses them (projection, gradients, Adam features,
+scores), each fast path right after its plain form; 2. machinery (collect, merge, match, select_step first; then
+ranks, resume, optimizer files, storage); 3. data preparation; 4. input checks. Tools: cli/less.py. Needs torch alone.
 Precision: all arithmetic is float32 whatever the input dtype; features and scores are float32.
 """
 import contextlib
@@ -50,18 +48,23 @@ def less_scores(model, checkpoints, train, val, projection=None, n_subtasks=1, p
     as it is), moments (D,) each as adam_state lays them. Adam features of train, SGD gradients of val, projected
     (default Projection()), eta-weighted cosine, mean per subtask, max over subtasks. plain=True: the definitions
     (a backward per example, R whole), which the fast default equals. Holds (N, D) gradients: collect_features +
-    match compute the same in bounded memory."""
+    match compute the same in bounded memory. The model is left as it came (its weights and train/eval mode)."""
     projection = projection or Projection()
     _check_model_inputs(model, train, val)
-    t_feats, v_feats = [], []  # per checkpoint: (N, k), (M, k)
-    for i, (weights, moments, _) in enumerate(checkpoints):
-        if weights is not None:
-            _check_weights(model, weights, i)
-            model.load_state_dict(weights, strict=False)
-        grads = example_gradients(model, train, vmap=not plain, check=False)  # (N, D)
-        _check_moments(moments, grads.shape[1], f"checkpoint {i}")
-        t_feats.append(projection(adam_features(grads, *moments), plain=plain))  # (N, k)
-        v_feats.append(projection(example_gradients(model, val, not plain, False), plain=plain))  # (M, k): SGD
+    t_feats, v_feats, saved, was_training = [], [], {}, model.training  # per checkpoint: (N, k), (M, k)
+    try:
+        for i, (weights, moments, _) in enumerate(checkpoints):
+            if weights is not None:
+                _check_weights(model, weights, i)
+                saved.update({k: v.clone() for k, v in model.state_dict().items() if k in weights and k not in saved})
+                model.load_state_dict(weights, strict=False)
+            grads = example_gradients(model, train, vmap=not plain, check=False)  # (N, D)
+            _check_moments(moments, grads.shape[1], f"checkpoint {i}")
+            t_feats.append(projection(adam_features(grads, *moments), plain=plain))  # (N, k)
+            v_feats.append(projection(example_gradients(model, val, not plain, False), plain=plain))  # (M, k): SGD
+    finally:
+        model.load_state_dict(saved, strict=False)
+        model.train(was_training)
     return influence_scores(t_feats, v_feats, [eta for *_, eta in checkpoints], n_subtasks)  # (N,)
 
 
@@ -283,17 +286,16 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
     """Projected features of examples written as atomic chunk files of chunk_size rows, merged by rank 0 into
     out_dir/features.safetensors (the path returned); under torchrun rank r takes its DistributedSampler shard.
     A re-run resumes; another configuration is refused naming the field; errors name the sample id and stop every
-    rank. Memory: GRAD_BUFFER_BYTES (settable; 2x while projecting) of float32 gradients per projection, which covers
-    whole chunks (a crash loses those not yet written). README "Scaling out": details."""
+    rank. Memory: LESS_GRAD_BUFFER_BYTES of float32 gradients (whole chunks; 2x while projected) per projection, whose
+    chunks are written as soon as it is done, and after LESS_BUFFER_SECONDS at the latest (what a kill loses)."""
     rank, world = _world()
     examples = list(examples)
 
     def prepare():
         if grad_type not in ("sgd", "sign", "adam"):
             raise ValueError(f"grad_type must be 'sgd', 'sign' or 'adam', got {grad_type!r}")
-        _whole("chunk_size", chunk_size)
-        _whole("batch_size", batch_size)
-        _check_projection_args(*projection)
+        _whole("chunk_size", chunk_size), _whole("batch_size", batch_size), _check_projection_args(*projection)
+        _settings()
         _check_model_inputs(model, examples)
         adam = adam_state(model, optimizer_state) if grad_type == "adam" else None
         data = _sha([e["id"], _as_long(e["input_ids"]).tolist(), _as_long(e["labels"]).tolist()]
@@ -322,17 +324,19 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
             os.remove(path)
     todo = [c for c, path in enumerate(paths) if not os.path.exists(path)]
 
-    def compute():  # whole chunks grouped so that one projection takes up to GRAD_BUFFER_BYTES of gradients
-        bar = Progress(len(positions), f"rank {rank}: {grad_type} features {checkpoint}".rstrip(),
-                       initial=len(positions) - sum(len(chunks[c]) for c in todo))
-        per = max(1, GRAD_BUFFER_BYTES // (4 * identity["grad_dim"] * chunk_size))
-        for group in (todo[g:g + per] for g in range(0, len(todo), per)):
-            feats = _features(model, [examples[i] for c in group for i in chunks[c]], grad_type, adam, projection,
-                              batch_size, bar, vmap)  # (rows of the group, k)
-            for c, x in zip(group, feats.split([len(chunks[c]) for c in group])):
-                _write_atomic({"features": x.cpu().contiguous(), "positions": torch.tensor(chunks[c])},
-                              {"ids": [examples[i]["id"] for i in chunks[c]], "identity": identity}, paths[c])
-        bar.close()
+    def compute():  # each buffer's chunks written as soon as it is projected (_features)
+        done = len(positions) - sum(len(chunks[c]) for c in todo)
+        with Progress(len(positions), f"rank {rank}: {grad_type} features {checkpoint}".rstrip(), initial=done,
+                      written=done) as bar:
+            pending = iter(todo)
+            for x in _features(model, [examples[i] for c in todo for i in chunks[c]], [len(chunks[c]) for c in todo],
+                               grad_type, adam, projection, batch_size, bar, vmap):  # (rows of whole chunks, k)
+                while len(x):
+                    c = next(pending)
+                    _write_atomic({"features": x[:len(chunks[c])].cpu().contiguous(),
+                                   "positions": torch.tensor(chunks[c])},
+                                  {"ids": [examples[i]["id"] for i in chunks[c]], "identity": identity}, paths[c])
+                    x, bar.written = x[len(chunks[c]):], bar.written + len(chunks[c])
 
     _sync(rank, world, compute)
     _sync(rank, world, lambda: rank == 0 and merge_features(out_dir))
@@ -419,14 +423,14 @@ def select_step(model, optimizer, pool, val, n_select, projection=Projection(), 
     adam = adam_state(model, optimizer)
     was_training = model.training
     mine = list(range(rank, len(pool), world))
-    bar = Progress(len(val) + len(mine), f"rank {rank}: select_step")
+    feats = lambda ex, *a: torch.cat([torch.zeros(0, projection.proj_dim), *_features(  # noqa: E731
+        model, ex, None, *a, projection, batch_size, bar, vmap, eps_outside)])  # (n, k)
     try:
-        v = _features(model, val, "sgd", None, projection, batch_size, bar, vmap)  # (M, k)
-        t = _features(model, [pool[i] for i in mine], "adam", adam, projection, batch_size, bar, vmap, eps_outside)
+        with Progress(len(val) + len(mine), f"rank {rank}: select_step") as bar:
+            v, t = feats(val, "sgd", None), feats([pool[i] for i in mine], "adam", adam)  # (M, k), (n, k)
         local = influence_scores(t, v).cpu() if mine else torch.zeros(0)
     finally:
         model.train(was_training)
-        bar.close()
     parts = [(mine, local)]
     if world > 1:
         import torch.distributed as dist
@@ -485,12 +489,10 @@ def _check_identity(out_dir, identity):
         os.makedirs(out_dir, exist_ok=True)
         with open(f"{id_path}.tmp{os.getpid()}", "w") as f:
             json.dump(identity, f)
-        try:
-            os.link(f.name, id_path)  # atomic and exclusive: a file another run created first is compared below
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links: atomic, not exclusive
-            os.replace(f.name, id_path)
+        try:  # atomic and exclusive: a file another run created first (FileExistsError) is compared below
+            os.link(f.name, id_path)
+        except OSError as e:  # else a filesystem without hard links: atomic, not exclusive
+            _ = isinstance(e, FileExistsError) or os.replace(f.name, id_path)
         with contextlib.suppress(FileNotFoundError):
             os.remove(f.name)
     try:
@@ -520,14 +522,16 @@ def _holds(path, identity, positions=None):
 class Progress:
     """Lines on stderr, which a log file (nohup, a scheduler) shows as a terminal does: at the first update, then every
     PROGRESS_SECONDS of wall time (environment, default 30; a timer, so a slow batch or a model load shows too; 0:
-    every update) and at the end: 'desc: done/total unit (pct), rate over the last ~10 lines, ETA'; total=None: a
-    phase without a count ('desc: 1m30s so far'). close() stops the timer. The tools (cli/) use this one too."""
+    every update) and at the end: 'desc: done/total unit (pct)[, n written], rate over the last ~10 lines, ETA' --
+    or, when none finished over those lines, how long ago the last one did (or the start); total=None: a phase without a
+    count ('desc: 1m30s so far'). Use it in a with block (or call close()): the timer stops when the work does,
+    also on an error. written: what is on disk, when the caller says (collect)."""
 
-    def __init__(self, total, desc, unit="records", initial=0):
+    def __init__(self, total, desc, unit="records", initial=0, written=None):
         import threading
-        self.total, self.desc, self.unit, self.done = total, desc, unit, initial
+        self.total, self.desc, self.unit, self.done, self.written = total, desc, unit, initial, written
         self.start, self.marks = time.time(), [(time.time(), initial)]  # marks: (time, done) of the last ~10 lines
-        self.every, self.stop = float(os.environ.get("PROGRESS_SECONDS", 30)), threading.Event()
+        self.last, self.every, self.stop = self.start, _settings()[2], threading.Event()  # last: a record finished
         if self.every > 0:
             threading.Thread(target=lambda: [self._line() for _ in iter(lambda: self.stop.wait(self.every), True)],
                              daemon=True).start()  # a line each time the wait ends without close()
@@ -536,19 +540,21 @@ class Progress:
         now, (then, done_then) = time.time(), self.marks[0]
         self.marks = (self.marks + [(now, self.done)])[-10:]
         rate = (self.done - done_then) / max(now - then, 1e-9)
-        hms = lambda t: "?" if t is None else f"{int(t) // 60}m{int(t) % 60:02d}s"  # noqa: E731
-        eta = hms((self.total - self.done) / rate if self.total is not None and rate > 0 else None)
-        print(f"{self.desc}: {hms(now - self.start)} so far" if self.total is None else f"{self.desc}: {self.done}/"
-              f"{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%), {rate:.2f} {self.unit}/s, "
-              f"ETA {eta}", file=sys.stderr, flush=True)
+        hms = lambda t: f"{int(t) // 60}m{int(t) % 60:02d}s"  # noqa: E731
+        if self.total is None:
+            return print(f"{self.desc}: {hms(now - self.start)} so far", file=sys.stderr, flush=True)
+        eta = "done" if self.done >= self.total else f"ETA {hms((self.total - self.done) / rate)}" if rate > 0 \
+            else f"none finished in the last {hms(now - self.last)}"  # never '?': hung and slow look different
+        print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
+              + (f", {self.written} written" if self.written is not None else "") + f", {rate:.2f} {self.unit}/s, "
+              f"{eta}", file=sys.stderr, flush=True)
 
     def update(self, n=1):
-        self.done += n
+        self.done, self.last = self.done + n, time.time()
         if len(self.marks) == 1 or self.every <= 0 or self.done >= (self.total or 0):
             self._line()
 
-    def close(self):
-        self.stop.set()
+    close, __enter__, __exit__ = (lambda self: self.stop.set()), (lambda self: self), (lambda self, *e: self.stop.set())
 
 
 # --- optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer; eta
@@ -702,11 +708,18 @@ def _read_features(path):
                          "changed after it was written; it is not used")
     if "features" not in tensors or "ids" not in tensors or "identity" not in meta:
         raise ValueError(f"{path}: not a feature file (needs 'features', 'ids' and 'identity')")
-    ids = meta["ids"] = json.loads(ctypes.string_at(tensors["ids"].data_ptr(), tensors["ids"].numel()))
+    try:  # ids: a JSON list of str / int in a uint8 tensor; a forged or foreign writer may have put anything there
+        t = tensors["ids"]
+        ids = meta["ids"] = json.loads(ctypes.string_at(t.data_ptr(), t.numel()) if t.dtype == torch.uint8 else "?")
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (str, int))] if type(ids) is list else [ids]
+    except ValueError as e:  # not JSON, or an integer past Python's digit limit
+        bad = [f"{t.dtype}: {e}"]
+    if bad:
+        raise ValueError(f"{path}: its ids are not a JSON list of str or int ids ({str(bad[0])[:80]!r}): not trusted")
     x, k = tensors["features"], meta["identity"]["proj_dim"]
     if x.dim() != 2 or x.shape[0] != len(ids) or x.shape[1] != k:
         raise ValueError(f"{path}: {tuple(x.shape)} features for {len(ids)} ids and proj_dim {k}")
-    if not all(isinstance(i, (str, int)) for i in ids) or len(set(ids)) != len(ids):
+    if len(set(ids)) != len(ids):
         first = {}
         for i, sid in enumerate(ids):
             if first.setdefault(json.dumps(sid), i) != i:
@@ -748,27 +761,52 @@ def _write_atomic(tensors, metadata, path):
             from None
 
 
-# --- features in bounded memory: the gradient buffer, projected slice by slice
-GRAD_BUFFER_BYTES = int(os.environ.get("LESS_GRAD_BUFFER_BYTES", 2 ** 31))  # gradients projected at once: 2 GiB
+# --- features in bounded memory: the gradient buffer, projected slice by slice; settings read where they are used
+GRAD_BUFFER_BYTES, BUFFER_SECONDS = 2 ** 31, 600  # defaults: gradients projected at once, seconds a buffer may hold them
 
 
-def _features(model, examples, grad_type, adam, projection, batch_size, bar, vmap=True, eps_outside=False):
-    """Projected features (N, proj_dim) of checked examples: gradients batch by batch into a buffer of <=
-    GRAD_BUFFER_BYTES (>= a batch; 2x while projected), projected at once (dense R once per buffer). NaN: its id."""
-    rows, buf = [], []  # projected (n, k) per buffer; gradients (B, D) per batch
-    for b in range(0, len(examples), batch_size):
-        batch = examples[b:b + batch_size]
-        g = example_gradients(model, batch, vmap, check=False)  # (B, D)
-        bad = ~torch.isfinite(g).all(1)  # (B,)
-        if bad.any():
-            raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
-                             f"(bf16 overflow or a broken example); its score would be meaningless")
-        buf.append(g)
-        if b + batch_size >= len(examples) or (sum(map(len, buf)) + batch_size) * g.shape[1] * 4 > GRAD_BUFFER_BYTES:
-            rows.append(projected_features(torch.cat(buf), grad_type, adam, projection, eps_outside))  # (n, k)
-            buf = []
-        bar.update(len(batch))  # per gradient batch: the timer's lines and the moving rate cover the projections
-    return torch.cat(rows) if rows else torch.zeros(0, projection.proj_dim)  # (N, k)
+def _settings():
+    """(buffer bytes, buffer seconds, progress seconds): LESS_GRAD_BUFFER_BYTES, LESS_BUFFER_SECONDS, PROGRESS_SECONDS,
+    read where they are used (the tools call this before a model loads); a bad value is a ValueError naming it."""
+    out = []
+    for name, default, ok, accepts in (
+            ("LESS_GRAD_BUFFER_BYTES", GRAD_BUFFER_BYTES, lambda v: 1 <= v == int(v), "a whole number of bytes >= 1"),
+            ("LESS_BUFFER_SECONDS", BUFFER_SECONDS, lambda v: v > 0, "a finite number of seconds > 0"),
+            ("PROGRESS_SECONDS", 30, lambda v: v >= 0, "a finite number of seconds >= 0 (0: every update)")):
+        raw = os.environ.get(name)
+        try:
+            v = default if raw is None else float(raw)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and ok(v)):
+            raise ValueError(f"environment variable {name}={raw!r}: it must be {accepts}")
+        out.append(int(v) if name.endswith("BYTES") else v)
+    return out
+
+
+def _features(model, examples, group_sizes, grad_type, adam, projection, batch_size, bar, vmap=True,
+              eps_outside=False):
+    """Projected features (rows, proj_dim) of checked examples, yielded whole groups at a time (group_sizes: collect's
+    chunks; None: batches), gradients batch by batch into a buffer projected at once (dense R once per buffer) when
+    the next group would take it past LESS_GRAD_BUFFER_BYTES (>= one group; 2x while projected), when it has held
+    gradients for LESS_BUFFER_SECONDS (a kill loses at most that much work), or at the end. NaN: its id."""
+    limit, seconds, _ = _settings()
+    sizes = group_sizes or [min(batch_size, len(examples) - b) for b in range(0, len(examples), batch_size)]
+    buf, start, since = [], 0, None  # gradients (B, D) per batch; the group's first example; the buffer's first time
+    for n, nxt in zip(sizes, sizes[1:] + [0]):
+        for b in range(start, start + n, batch_size):
+            batch = examples[b:min(b + batch_size, start + n)]
+            g = example_gradients(model, batch, vmap, check=False)  # (B, D)
+            bad = ~torch.isfinite(g).all(1)  # (B,)
+            if bad.any():
+                raise ValueError(f"non-finite gradient for sample id {batch[bad.nonzero()[0].item()]['id']!r} "
+                                 f"(bf16 overflow or a broken example); its score would be meaningless")
+            buf, since = buf + [g], since or time.time()
+            bar.update(len(batch))  # the timer's lines and the moving rate cover the projections
+        start += n
+        if not nxt or (sum(map(len, buf)) + nxt) * g.shape[1] * 4 > limit or time.time() - since >= seconds:
+            yield projected_features(torch.cat(buf), grad_type, adam, projection, eps_outside)  # (rows, k)
+            buf, since = [], None
 
 
 def projected_features(grads, grad_type, adam_state, projection, eps_outside=False, slice_cols=2 ** 22):

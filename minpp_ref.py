@@ -257,6 +257,8 @@ class BandStats(NamedTuple):
     @staticmethod
     def cat(sets):
         sets = list(sets)
+        if not sets:
+            raise ValueError("BandStats.cat got no statistics: give one set at least")
         for s in sets[1:]:
             if not torch.equal(s.tau, sets[0].tau) or s.temperature != sets[0].temperature:
                 raise ValueError("BandStats.cat: the sets were made for different thresholds or temperatures")
@@ -577,11 +579,14 @@ def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None
     """Up to max_new_tokens new tokens per row (a list of lists), with a KV cache; the filters (temperature, top_k,
     top_p, min_p, minpp=(tau, w)) go to next_token as given, and do_sample alone decides sampling vs argmax.
     Left-padded prompts (attention_mask of 0s then 1s) get position ids of their real tokens, so each row
-    generates what its prompt alone would. A row stops after eos or when the decoded text of its last n tokens ends
-    with a stop string, n = 1 + the longest stop string's UTF-8 bytes (a token holds at least one byte: a stop
-    string split over tokens, e.g. a character of several byte tokens, is found; 1 token of context)."""
+    generates what its prompt alone would. A row stops after a token of eos_token_id (an int, a list of them or a
+    tensor: any one) or the first token after which its text contains a stop string (vLLM's and transformers'
+    meaning: also when that token runs past the string's end; the row keeps the token). Stop strings are looked for
+    in the text of the row's last n tokens, n = 1 + the longest stop string's UTF-8 bytes (a token holds a byte at
+    least; 1 token of context: a decoder that drops the first token's leading space still shows it)."""
     _check_filters(filters)
-    _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_strings, decode)
+    eos, stop_strings = _check_generate_args(model, input_ids, attention_mask, max_new_tokens, eos_token_id,
+                                             stop_strings, decode)
     if filters.get("minpp") is not None:
         check_thresholds(*filters["minpp"])  # once per call: per token it would copy tau and w to the host every step
     B = input_ids.shape[0]
@@ -602,7 +607,7 @@ def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None
                 continue
             out[i].append(t)
             tail = decode(out[i][-window:]) if window else ""
-            if t == eos_token_id or any(tail.endswith(s) for s in stop_strings):
+            if t in eos or any(s in tail for s in stop_strings):
                 done[i] = True
         if done.all():
             break
@@ -699,6 +704,8 @@ def _check_stats(stats, tau=None):
     if any(tuple(getattr(stats, f).shape) != shape for f, shape in shapes.items()):
         raise ValueError("BandStats fields do not fit together: " + ", ".join(
             f"{f} {tuple(getattr(stats, f).shape)}" for f in shapes) + f" for {k[0]} thresholds")
+    if not (torch.isfinite(stats.weight).all() and (stats.weight >= 0).all() and stats.weight.sum() > 0):
+        raise ValueError("BandStats weight must be finite numbers >= 0, not all 0 (a NaN would train to NaN)")
     if tau is not None and (stats.tau.shape != tau.shape
                             or not torch.equal(stats.tau.cpu().float(), tau.detach().cpu().float())):
         raise ValueError(f"the statistics were made for other thresholds ({stats.tau.numel()} from "
@@ -788,7 +795,8 @@ def _check_filters(filters):
         raise ValueError(f"generate got {unknown}: the filters are {', '.join(_FILTERS)}")
 
 
-def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_strings, decode):
+def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, eos_token_id, stop_strings, decode):
+    """(eos ids as a set, stop strings as a list) after checking every argument of generate."""
     for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if t is not None and (not torch.is_tensor(t) or t.dim() != 2 or 0 in t.shape or t.is_floating_point()):
             shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
@@ -804,7 +812,16 @@ def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, stop_
                              "0s then 1s in every row, the last column 1")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-    if isinstance(stop_strings, str) or not all(isinstance(x, str) and x for x in stop_strings):
+    eos = eos_token_id.tolist() if torch.is_tensor(eos_token_id) and eos_token_id.dim() <= 1 else eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(eos, (list, tuple)) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
+                                                     for e in eos):
+        raise ValueError(f"eos_token_id must be a token id >= 0, a list of them or an integer tensor (0-d or 1-d), "
+                         f"got {eos_token_id!r}")
+    stops = [] if stop_strings is None else stop_strings
+    stops = list(stops) if not isinstance(stops, str) and hasattr(stops, "__iter__") else stops  # a generator: once
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
         raise ValueError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
-    if stop_strings and decode is None:
+    if stops and decode is None:
         raise ValueError("stop_strings need a decode function")
+    return set(eos), stops

@@ -105,6 +105,20 @@ def test_gradient_features_by_type(impl, grad_type, g, mseed):
 
 
 @spec("L1.2")
+@pytest.mark.parametrize("grad_type", ["sgd", "sign"])
+def test_a_state_at_hand_changes_no_sgd_or_sign_feature(impl, grad_type):
+    """gradient_features(g, 'sgd' or 'sign', adam_state): the state is not used (g or sign(g)), or refused."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(3, 40, generator=gen)
+    state = (torch.randn(40, generator=gen) * 1e-3, torch.rand(40, generator=gen) * 1e-6)
+    try:
+        out = impl.gradient_features(g, grad_type, state)
+    except REFUSED:
+        return
+    assert_close(out, g.double() if grad_type == "sgd" else g.double().sign(), f"{grad_type} with a state at hand")
+
+
+@spec("L1.2")
 def test_adam_gradient_type_without_optimizer_state_is_refused(impl):
     with pytest.raises(Exception):
         impl.gradient_features(torch.randn(2, 4), "adam", None)
@@ -643,6 +657,22 @@ def test_a_projection_value_projects_as_project(impl, kind):
     assert_projections_close(call(value, x, row_offset=2 ** 33), proj(impl, x, 32, 7, kind, row_offset=2 ** 33), x, 32)
 
 
+@spec("L4.6")
+@pytest.mark.parametrize("bad", [(64, 0, "gaussian"), (64, -1, "rademacher"), (0, 0, "rademacher")],
+                         ids=["kind gaussian", "seed -1", "proj_dim 0"])
+@pytest.mark.parametrize("path", ["projected_features", "select_step"])
+def test_every_path_that_projects_refuses_a_bad_projection(impl, bad, path):
+    """projected_features and select_step refuse a projection project refuses (an unknown kind, a negative seed,
+    proj_dim 0): a path that skips the check projects silently with another R, or none."""
+    projection = impl.Projection(*bad)
+    with pytest.raises(Exception):  # noqa: B017 -- which error is policy (L4.7)
+        if path == "projected_features":
+            impl.projected_features(torch.randn(2, 30), "sgd", None, projection)
+        else:
+            model, opt, _ = _trainer_setup()
+            impl.select_step(model, opt, _examples(4), _examples(2, seed=7, prefix="val"), 2, projection=projection)
+
+
 @spec("L4.7")
 @pytest.mark.parametrize("bad", [{"proj_dim": 0}, {"proj_dim": 2.5}, {"seed": -1}, {"kind": "gaussian"},
                                  {"row_offset": -3}, {"row_offset": 1.5}, {"block_rows": -5}])
@@ -858,6 +888,72 @@ def test_resume_after_a_removed_chunk_equals_the_clean_run(impl, tmp_path):
     feats, ids, _ = impl.load_features(tmp_path / "a" / "features.safetensors")
     assert ids == clean[1]
     torch.testing.assert_close(feats, clean[0], rtol=1e-5, atol=1e-7)
+
+
+@spec("L6.2")
+@pytest.mark.parametrize("removed", [(0, 2), (1, 3), (0, 3)], ids=lambda r: f"chunks {r[0]} and {r[1]} removed")
+def test_resume_after_removed_chunks_that_are_not_contiguous(impl, tmp_path, removed):
+    """Chunks removed with a kept one between them: the examples of each missing chunk are its own, never one
+    contiguous run from the first missing chunk (which stores the kept chunk's examples under the next one's ids).
+    The resumed rows equal the float64 features of their ids."""
+    model, ex = _lm(), _examples(15)
+    _collect(impl, model, ex, tmp_path / "a")
+    chunks = _chunks(tmp_path / "a")
+    assert len(chunks) >= 4, "collection must write a chunk per chunk_size examples (SPEC L6.2)"
+    for c in removed:
+        chunks[c].unlink()
+    (tmp_path / "a" / "features.safetensors").unlink()
+    _collect(impl, model, ex, tmp_path / "a")
+    feats, ids, _ = impl.load_features(tmp_path / "a" / "features.safetensors")
+    assert ids == [e["id"] for e in ex]
+    torch.testing.assert_close(feats.double(), expected_features(impl, model, ex), rtol=1e-4, atol=1e-6)
+
+
+@spec("L6.2")
+@pytest.mark.filterwarnings("ignore:.*recomputing it:UserWarning")  # intended: an edited chunk
+def test_an_edited_chunk_is_recomputed_or_refused_before_any_work(impl, tmp_path):
+    """A chunk whose bytes changed (one bit of its features) is found when the run resumes: recomputed -- the result
+    equals the clean run's --, or refused naming it before any gradient is computed. Kept, it would either enter the
+    result or stop the merge after all the missing work was done again."""
+    model, ex = _lm(), _examples(13)
+    _collect(impl, model, ex, tmp_path / "a")
+    clean = impl.load_features(tmp_path / "a" / "features.safetensors")
+    chunks = _chunks(tmp_path / "a")
+    _flip_a_bit_of_the_features(chunks[1])
+    chunks[2].unlink()
+    (tmp_path / "a" / "features.safetensors").unlink()
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        _collect(impl, model, ex, tmp_path / "a")
+    except Exception as e:  # noqa: BLE001 -- refused: which error is policy
+        assert not forwards, f"the edited chunk was refused only after {len(forwards)} forward passes: {e}"
+        return
+    finally:
+        hook.remove()
+    feats, ids, _ = impl.load_features(tmp_path / "a" / "features.safetensors")
+    assert ids == clean[1]
+    torch.testing.assert_close(feats, clean[0], rtol=1e-5, atol=1e-7)
+
+
+@spec("L6.1")
+@pytest.mark.parametrize("buffer", ["one batch", "one chunk", "two chunks", "a time limit", "default"])
+def test_collection_across_gradient_buffers_keeps_every_row_with_its_id(impl, tmp_path, monkeypatch, buffer):
+    """The gradients a projection takes at once (the reference's LESS_GRAD_BUFFER_BYTES, LESS_BUFFER_SECONDS; other
+    implementations may ignore them) never change a row or its id: a buffer of one batch (3 examples, chunks of 4),
+    one chunk, two chunks, one projected after any time at all, or the whole pool, each against the float64
+    features of every id."""
+    model, ex = _lm(), _examples(14)
+    D = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sizes = {"one batch": 3 * D * 4, "one chunk": 4 * D * 4, "two chunks": 8 * D * 4}
+    if buffer in sizes:
+        monkeypatch.setenv("LESS_GRAD_BUFFER_BYTES", str(sizes[buffer]))
+    if buffer == "a time limit":
+        monkeypatch.setenv("LESS_BUFFER_SECONDS", "1e-9")
+    _collect(impl, model, ex, tmp_path / "a")
+    feats, ids, _ = impl.load_features(tmp_path / "a" / "features.safetensors")
+    assert ids == [e["id"] for e in ex]
+    torch.testing.assert_close(feats.double(), expected_features(impl, model, ex), rtol=1e-4, atol=1e-6)
 
 
 def _permute_in_place(t):
@@ -1425,7 +1521,8 @@ def test_match_refusal_names_files_and_first_differing_id(impl, tmp_path):
 @spec("L8.1")
 def test_less_scores_in_memory(impl, tmp_path):
     """less_scores over two checkpoints (weights, Adam moments, eta 0.7 / 0.3, 2 subtasks) equals the float64 scores
-    of the features computed here -- on its own, no stored file involved."""
+    of the features computed here -- on its own, no stored file involved --, and leaves the model as it came: its
+    own weights (not the last checkpoint's) and its train mode."""
     model, opt, named = _trainer_setup()
     pool, val = _examples(7), _examples(4, seed=3, prefix="val")
     ckpts, t64, v64 = [], [], []
@@ -1440,9 +1537,14 @@ def test_less_scores_in_memory(impl, tmp_path):
     with torch.no_grad():  # the weights in the checkpoints are what counts, not the model's current ones
         for p in model.parameters():
             p.add_(0.01)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     scores = impl.less_scores(model, ckpts, pool, val, impl.Projection(64, 1), n_subtasks=2)
     assert scores.dtype == torch.float32 and scores.shape == (7,)
     assert_close(scores, scores64(t64, v64, [0.7, 0.3], 2), "less_scores")
+    assert model.training, "less_scores left the model in eval mode (dropout off in the user's training)"
+    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, before[n])]
+    assert not changed, f"less_scores left checkpoint weights in the model: {changed[:3]}"
 
 
 @spec("L8.1")
@@ -2033,6 +2135,7 @@ def test_command_line_checks_everything_before_the_model_loads(tmp_path, monkeyp
     _tiny_model_dir(tmp_path / "m")
     (tmp_path / "m" / "model.Q4.gguf").write_bytes(b"GGUF")
     (tmp_path / "d.jsonl").write_text('{"prompt": "what is 1 ?", "response": "2"}\n')
+    (tmp_path / "ad").mkdir()
     (tmp_path / "not_an_optimizer.pt").write_bytes(b"not a zip")
     for name in ("t.safetensors", "v.safetensors", "s.jsonl"):  # inputs that exist: --out is what is wrong
         (tmp_path / name).write_bytes(b"")
@@ -2041,11 +2144,11 @@ def test_command_line_checks_everything_before_the_model_loads(tmp_path, monkeyp
     cases = [(base, "needs --optimizer-state", 2),
              (base + ["--optimizer-state", str(tmp_path / "not_an_optimizer.pt")], "not_an_optimizer.pt", 1),
              (base + ["--optimizer-state", str(tmp_path / "nowhere.pt")], "nowhere.pt: no such file", 2),
-             (base + ["--grad-type", "sgd", "--lora-r", "4", "--lora-adapter", str(tmp_path)], "not both", 2),
+             (base + ["--grad-type", "sgd", "--lora-r", "4", "--lora-adapter", str(tmp_path / "ad")], "not both", 2),
              (base + ["--lora-r", "4"], "no Adam moments", 2),
-             (base + ["--grad-type", "sgd", "--lora-adapter", str(tmp_path)], "adapter_config.json", 1),
+             (base + ["--grad-type", "sgd", "--lora-adapter", str(tmp_path / "ad")], "adapter_config.json", 1),
              (base + ["--grad-type", "sgd", "--gguf-file", "model.gguf"], "model.Q4.gguf", 2),
-             (["collect", *base[1:5], "--out", str(tmp_path / "d.jsonl"), "--grad-type", "sgd"], "is a file", 2),
+             (["collect", *base[1:5], "--out", str(tmp_path / "s.jsonl"), "--grad-type", "sgd"], "is a file", 2),
              (["match", "--train", str(tmp_path / "t.safetensors"), "--val", str(tmp_path / "v.safetensors"),
                "--out", str(tmp_path / "nodir" / "s.jsonl")], "does not exist", 2),
              (["match", "--train", str(tmp_path / "t.safetensors"), "--val", str(tmp_path / "v.safetensors"),
@@ -2164,7 +2267,11 @@ def test_command_line_warmup_collect_match_select(tmp_path):
     assert less_cli.main(warm_args + ["1e-2", "--resume"]) == ckpts
     with pytest.raises(ValueError, match=r"another warm-up run \(lr: 0.01 -> 0.02\)"):
         less_cli.main(warm_args + ["2e-2"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("a user's file")
     with pytest.raises(ValueError, match="no readable warmup.json"):
+        less_cli.main(warm_args[:6] + [str(tmp_path / "other")] + warm_args[7:] + ["1e-2"])
+    with pytest.raises(UsageError, match="is --model .* never writes over"):  # the model's own directory
         less_cli.main(warm_args[:6] + [str(tmp_path / "m")] + warm_args[7:] + ["1e-2"])
     warm = [r["id"] for r in read_jsonl(tmp_path / "warm" / "warmup.jsonl")]
     assert len(warm) == 10 == len(set(warm)) and set(warm) <= {r["id"] for r in rows}
@@ -2240,3 +2347,190 @@ def _read_feature_file(out_dir):
     from safetensors import safe_open
     with safe_open(str(out_dir / "features.safetensors"), "pt") as f:
         return f.get_tensor("features"), json.loads(bytes(f.get_tensor("ids").tolist()))  # ids: their JSON as uint8
+
+
+# --- reliability round 6 (issue 43): nothing of the user's is replaced, no model runs with random weights
+
+
+def _one_line_exit(proc, code, *says):
+    assert proc.returncode == code and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert all(s in proc.stderr for s in says) and "Traceback" not in proc.stderr, (says, proc.stderr)
+
+
+def test_collect_never_replaces_files_it_did_not_write(tmp_path):
+    """collect --out DIR that holds another tool's features.safetensors (no identity.json) or any file collect does not
+    write is refused (exit 2) before any work, the files intact; an --out inside --model or --lora-adapter (every file
+    of a model directory is an input) too."""
+    _tiny_model_dir(tmp_path / "m")
+    _write(tmp_path / "d.jsonl", '{"prompt": "what is 1 ?", "response": "2"}\n')
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "features.safetensors").write_bytes(b"another collection's features")
+    base = ["collect", "--model", tmp_path / "m", "--data", tmp_path / "d.jsonl", "--grad-type", "sgd", "--out"]
+    _one_line_exit(_cli(*base, tmp_path / "res"), 2, "did not write", "features.safetensors", "no identity.json")
+    (tmp_path / "res" / "identity.json").write_text("{}")
+    (tmp_path / "res" / "notes.txt").write_text("mine")
+    _one_line_exit(_cli(*base, tmp_path / "res"), 2, "did not write", "notes.txt")
+    assert (tmp_path / "res" / "features.safetensors").read_bytes() == b"another collection's features"
+    _one_line_exit(_cli(*base, tmp_path / "m" / "feats"), 2, "lies inside --model", "never writes over")
+    _one_line_exit(_cli(*base, tmp_path / "m"), 2, "is --model")
+    assert not (tmp_path / "m" / "feats").exists() and not (tmp_path / "m" / "identity.json").exists()
+
+
+def _model_with_prefixed_weights(path):
+    """A model directory whose weight names carry a peft-style 'base_model.model.' prefix: nothing fits the Llama."""
+    from safetensors.torch import load_file, save_file
+    _tiny_model_dir(path)
+    weights = load_file(path / "model.safetensors")
+    save_file({f"base_model.model.{k}": v for k, v in weights.items()}, path / "model.safetensors")
+
+
+def test_a_model_whose_weights_do_not_fit_never_runs(tmp_path):
+    """Weights whose names do not fit the architecture would load as random weights (transformers reports them at a
+    log level a log file hides): exit 1 naming the keys, with stderr to a pipe, before any feature is written."""
+    _model_with_prefixed_weights(tmp_path / "m")
+    _write(tmp_path / "d.jsonl", '{"prompt": "what is 1 ?", "response": "2"}\n')
+    proc = _cli("collect", "--model", tmp_path / "m", "--data", tmp_path / "d.jsonl", "--grad-type", "sgd", "--out",
+                tmp_path / "o")
+    _one_line_exit(proc, 1, "--model", "base_model.model.", "missing keys", "random weights")
+    assert not (tmp_path / "o" / "features.safetensors").exists()
+
+
+def test_repeated_options_add_up_or_are_refused(tmp_path):
+    """An option that takes several values adds up when repeated (select --scores A --scores B reads both); any other
+    option given twice is refused naming it (argparse would keep the last silently); --weights must give one weight
+    per checkpoint (exit 2 naming --weights); a --model directory that is no model names --model and the directory."""
+    _write(tmp_path / "d.jsonl", "".join(json.dumps({"id": f"r{i}", "prompt": "p", "response": f"{i}"}) + "\n"
+                                         for i in range(4)))
+    _write(tmp_path / "a.jsonl", '{"id": "r0", "score": 0.1}\n{"id": "r1", "score": 0.9}\n')
+    _write(tmp_path / "b.jsonl", '{"id": "r2", "score": 0.5}\n{"id": "r3", "score": 0.7}\n')
+    proc = _cli("select", "--scores", tmp_path / "a.jsonl", "--scores", tmp_path / "b.jsonl", "--data",
+                tmp_path / "d.jsonl", "--k", "3", "--out", tmp_path / "top.jsonl")
+    assert proc.returncode == 0 and "3 of 4 records" in proc.stdout, (proc.stdout, proc.stderr)
+    assert [json.loads(x)["id"] for x in (tmp_path / "top.jsonl").read_text().splitlines()] == ["r1", "r3", "r2"]
+    _one_line_exit(_cli("select", "--scores", tmp_path / "a.jsonl", "--data", tmp_path / "d.jsonl", "--k", "1",
+                        "--k", "2", "--out", tmp_path / "x.jsonl"), 2, "--k is given 2 times")
+    for name in ("t.safetensors", "v.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    _one_line_exit(_cli("match", "--train", tmp_path / "t.safetensors", "--val", tmp_path / "v.safetensors",
+                        "--weights", "1", "2", "--out", tmp_path / "s.jsonl"), 2, "--weights gives 2 weights for 1")
+    (tmp_path / "empty").mkdir()
+    _one_line_exit(_cli("collect", "--model", tmp_path / "empty", "--data", tmp_path / "d.jsonl", "--out",
+                        tmp_path / "o"), 2, "--model", str(tmp_path / "empty"), "not a model directory")
+
+
+def test_environment_settings_are_read_where_used_and_named(tmp_path, monkeypatch):
+    """A bad LESS_GRAD_BUFFER_BYTES, LESS_BUFFER_SECONDS or PROGRESS_SECONDS (2GiB, abc, inf, a negative or zero value)
+    never breaks `import less_ref`; where it is used it is one ValueError naming the variable and what it accepts, and
+    a command stops with one line before the model loads."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", "import less_ref"], capture_output=True, text=True,
+                          env=dict(os.environ, LESS_GRAD_BUFFER_BYTES="2GiB", PROGRESS_SECONDS="abc"))
+    assert proc.returncode == 0, proc.stderr
+    for name, value in (("LESS_GRAD_BUFFER_BYTES", "2GiB"), ("LESS_GRAD_BUFFER_BYTES", "0"), ("LESS_BUFFER_SECONDS", "0"),
+                        ("LESS_BUFFER_SECONDS", "inf"), ("PROGRESS_SECONDS", "inf"), ("PROGRESS_SECONDS", "abc"),
+                        ("PROGRESS_SECONDS", "-1")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=f"{name}={value!r}: it must be"):
+            ref.Progress(3, "x") if name == "PROGRESS_SECONDS" else ref._settings()
+        monkeypatch.delenv(name)
+    _tiny_model_dir(tmp_path / "m")
+    _write(tmp_path / "d.jsonl", '{"prompt": "what is 1 ?", "response": "2"}\n')
+    proc = _cli("collect", "--model", tmp_path / "m", "--data", tmp_path / "d.jsonl", "--grad-type", "sgd", "--out",
+                tmp_path / "o", env={"LESS_GRAD_BUFFER_BYTES": "2GiB"})
+    _one_line_exit(proc, 1, "LESS_GRAD_BUFFER_BYTES='2GiB'")
+    assert "loading the model" not in proc.stderr
+
+
+def test_the_progress_timer_stops_when_the_work_fails(tmp_path, monkeypatch, capsys):
+    """A collection that fails (a full disk) stops its progress lines with it: no '6/6 records' every PROGRESS_SECONDS
+    for the rest of the process."""
+    import time
+    monkeypatch.setenv("PROGRESS_SECONDS", "0.05")
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ref, "_write_atomic", full_disk)
+    with pytest.raises(OSError):
+        _ref_collect(_lm(), _examples(6), tmp_path / "a")
+    capsys.readouterr()
+    time.sleep(0.3)
+    assert capsys.readouterr().err == "", "progress lines went on after the work failed"
+
+
+def test_progress_says_what_is_written_and_tells_hung_from_slow(monkeypatch, capsys):
+    """Progress lines say how many records are on disk beside those computed, and never 'ETA ?': with none finished
+    over the last lines they say for how long."""
+    import time
+    monkeypatch.setenv("PROGRESS_SECONDS", "0.05")
+    with ref.Progress(300, "collect", written=0) as bar:
+        time.sleep(0.2)
+        bar.update(120)
+        bar.written = 96
+        time.sleep(0.12)
+    err = capsys.readouterr().err.splitlines()
+    assert err and not any("?" in line for line in err), err
+    assert any(line.startswith("collect: 0/300 records (0%), 0 written") and "none finished in the last" in line
+               for line in err), err
+    assert any("120/300 records (40%), 96 written" in line and "ETA" in line for line in err), err
+
+
+def test_a_buffer_is_written_once_it_has_held_gradients_for_buffer_seconds(tmp_path, monkeypatch):
+    """LESS_BUFFER_SECONDS: a buffer that held gradients that long is projected and its chunks written, so a kill
+    loses at most that much work whatever the model size (here any time at all: every chunk on its own)."""
+    real, calls = ref.example_gradients, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # chunks of 4, batches of 3: the 5th batch is in the 3rd chunk
+            raise KeyboardInterrupt("injected crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ref, "example_gradients", failing)
+    monkeypatch.setenv("LESS_BUFFER_SECONDS", "1e-9")
+    with pytest.raises(KeyboardInterrupt):
+        _ref_collect(_lm(), _examples(13), tmp_path / "run")
+    assert sorted(os.listdir(tmp_path / "run" / "shard-000-of-001")) == ["chunk_000000.safetensors",
+                                                                         "chunk_000001.safetensors"]
+
+
+@pytest.mark.parametrize("case", ["ids None and 2.5", "a bool id", "ids as a JSON object", "ids as int32",
+                                  "an id of 5000 digits", "ids not JSON"])
+def test_forged_ids_are_refused_naming_the_file(tmp_path, case):
+    """A feature file from a forged or foreign writer with a correct checksum: ids that are not a JSON list of str or
+    int ids, stored in another dtype, or past Python's digit limit are one ValueError naming the file."""
+    from safetensors.torch import save_file
+    raw = {"ids None and 2.5": b"[null, 2.5]", "a bool id": b'[true, "a"]', "ids as a JSON object": b'{"a": 1, "b": 2}',
+           "ids as int32": None, "an id of 5000 digits": b"[1" + b"0" * 5000 + b', "a"]', "ids not JSON": b"[1, 2"}[case]
+    ids = torch.zeros(2, dtype=torch.int32) if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    tensors = {"features": torch.ones(2, 4), "ids": ids}
+    meta = {"identity": {"proj_dim": 4, "ids": "0"}, "format": ref.FILE_FORMAT}
+    path = tmp_path / "features.safetensors"
+    save_file(tensors, path, metadata={**{k: json.dumps(v) for k, v in meta.items()},
+                                       "checksum": ref._file_checksum(tensors, meta)})
+    with pytest.raises(ValueError, match=re.escape(str(path))) as e:
+        ref.load_features(path)
+    assert len(str(e.value)) < 400 and "\n" not in str(e.value), e.value
+
+
+def test_a_jsonl_id_past_the_digit_limit_names_file_and_line(tmp_path):
+    from cli.common import read_jsonl
+    _write(tmp_path / "d.jsonl", '{"prompt": "p", "response": "r"}\n{"id": 1' + "0" * 5000 + ', "prompt": "p"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'd.jsonl'}:2: not JSON")):
+        read_jsonl(tmp_path / "d.jsonl")
+
+
+def test_lora_options_without_peft_are_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    """--lora-r / --lora-adapter / warmup without peft installed (it is not in requirements.txt): a UsageError naming
+    peft and examples/requirements.txt, before any model loads -- not a ModuleNotFoundError after it."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setattr(less_cli, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    _tiny_model_dir(tmp_path / "m")
+    _write(tmp_path / "d.jsonl", '{"prompt": "what is 1 ?", "response": "2"}\n')
+    for extra in (["collect", "--grad-type", "sgd", "--lora-r", "4"], ["warmup"]):
+        with pytest.raises(UsageError, match="needs peft.*pip install -r examples/requirements.txt"):
+            less_cli.main([extra[0], "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out",
+                           str(tmp_path / "o"), *extra[1:]])

@@ -711,6 +711,40 @@ def test_train_head_at_a_temperature_on_its_own_grid(impl, variant):
         assert (h < h0) if lam > 0 else (h > h0), f"lam = {lam}: H(w / sum w) {h:.4f} vs {h0:.4f} without it"
 
 
+@spec("M2.1")
+@pytest.mark.parametrize("fn", ["minpp_loss", "minpp_loss_plain", "band_statistics"])
+@pytest.mark.parametrize("bad", [5, 6, -1], ids=["V", "V + 1", "-1 (not ignore_index)"])
+def test_a_target_outside_the_vocabulary_is_refused(impl, fn, bad):
+    """A target outside [0, V) that is not ignore_index has no probability: any error, never a loss computed for a
+    clamped or wrapped target (a silently wrong loss; LESS's L2.2 refuses label V alike)."""
+    z, target = torch.randn(2, 5), torch.tensor([0, bad])
+    tau, w = torch.tensor([0.0, 0.3]), torch.ones(2)
+    with pytest.raises(Exception):  # noqa: B017 -- the error's type is policy (M2.5)
+        getattr(impl, fn)(z, target, tau, *(() if fn == "band_statistics" else (w,)))
+
+
+@spec("M2.3")
+@pytest.mark.parametrize("tau", [[0.01, 0.1, 0.5], [0.2], [0.05, 0.3, 0.9]], ids=lambda t: f"tau {t}")
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_band_statistics_on_a_grid_without_tau_zero(impl, tau, chunk):
+    """On a grid without tau = 0 the tokens below tau_1 are in no band but still in the distribution: log p_t and
+    the masses M are those of softmax(z), never of the distribution renormalised over the tokens above tau_1
+    (band_loss hides that, its normaliser cancels)."""
+    g = torch.Generator().manual_seed(5)
+    z64 = torch.randn(6, 30, generator=g, dtype=torch.float64) * 2.5
+    tau = torch.tensor(tau)
+    r = torch.exp(z64 - z64.amax(-1, keepdim=True))
+    near = ((r.log()[..., None] - tau.double().log()).abs() < LOG_SLACK).any(-1) & (r < 1)
+    z64 = z64.masked_fill(near, float("-inf"))  # tokens on a threshold may go either way: none there
+    target = torch.randint(0, 30, (6,), generator=g)  # some below tau_1: in no band
+    target = torch.where(z64.gather(1, target[:, None])[:, 0].isfinite(), target, z64.argmax(-1))
+    stats = call(impl.band_statistics, z64.float(), target, tau, chunk_rows=chunk)
+    log_p, band, mass = band64(z64, target, tau)
+    assert torch.equal(stats.band.long().cpu(), band), (stats.band, band)
+    torch.testing.assert_close(stats.log_p.double(), log_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.mass.double(), mass, rtol=1e-5, atol=1e-6)
+
+
 @spec("M2.5")
 @pytest.mark.parametrize("bad", [5, -1, -7])
 def test_loss_target_out_of_range_is_error(impl, bad):
@@ -806,6 +840,13 @@ def _stats_case(impl, case):
         if "row weights" in case:
             stats = stats._replace(weight=stats.weight[:-1])
         return lambda: impl.band_loss(list(stats) if "list" in case else stats, w)
+    if case.startswith("row weights"):  # train_head and band_loss alike: a NaN would train theta to NaN
+        bad = stats.weight.clone()
+        bad[3] = {"row weights: NaN": float("nan"), "row weights: negative": -1.0, "row weights: inf": float("inf")}[case]
+        return lambda: (impl.train_head(head, stats._replace(weight=bad), steps=2), impl.band_loss(
+            stats._replace(weight=bad), torch.ones(4)))
+    if case == "BandStats.cat of no statistics":
+        return lambda: type(stats).cat([])
     kw = {"steps = -5": {"steps": -5}, "steps = 0": {"steps": 0}, "lam = NaN": {"lam": float("nan")},
           "lr = 0": {"lr": 0.0}}[case]
     return lambda: impl.train_head(head, z, t, **kw)
@@ -813,14 +854,16 @@ def _stats_case(impl, case):
 
 STATS_CASES = ["statistics of another grid of the same K", "statistics of another temperature", "a target with the statistics",
                "band_loss: negative w", "band_loss: all-zero w", "band_loss: NaN w", "band_loss: w of length K + 1",
-               "band_loss: a list for the statistics", "band_loss: row weights of another length", "steps = -5", "steps = 0", "lam = NaN", "lr = 0"]
+               "band_loss: a list for the statistics", "band_loss: row weights of another length", "steps = -5", "steps = 0", "lam = NaN", "lr = 0",
+               "row weights: NaN", "row weights: negative", "row weights: inf", "BandStats.cat of no statistics"]
 
 
 @spec("M2.4")
-@pytest.mark.parametrize("case", STATS_CASES[:2])
+@pytest.mark.parametrize("case", STATS_CASES[:2] + [c for c in STATS_CASES if c.startswith("row weights")])
 def test_band_statistics_of_another_grid_or_temperature_never_train(impl, case):
     """train_head on BandStats made for another grid of the same K, or at another temperature than it is asked to
-    train at, would fit the wrong loss without any sign: any error, never a trained head."""
+    train at, or whose row weights are NaN, inf or negative, would fit the wrong loss (or NaN) without any sign: any
+    error, never a trained head."""
     with pytest.raises(Exception):  # noqa: B017 -- the error's type and message are policy (M2.5)
         _stats_case(impl, case)()
 
@@ -1323,13 +1366,99 @@ def test_sampled_generation_draws_from_the_filtered_distribution(impl, tiny_lm):
 
 
 @spec("M4.1")
-@pytest.mark.parametrize("mask", [[[0, 2, 1]], [[1, 0, 1]], [[1, 1, 0]], [[1, 1]], [[1, 1, 1], [0, 1, 1]]],
-                         ids=["a 2", "a hole", "right padding", "short", "more rows"])
+@pytest.mark.parametrize("mask", [[[0, 2, 1]], [[1, 0, 1]], [[1, 1, 0]], [[1, 1]], [[1, 1, 1], [0, 1, 1]],
+                                  [[True, False, True]], [[True, True, False]]],
+                         ids=["a 2", "a hole", "right padding", "short", "more rows", "bool hole", "bool right padding"])
 def test_a_malformed_attention_mask_is_refused(impl, tiny_lm, mask):
-    """A mask that is not 0s then 1s of the prompt's shape would silently shift positions or attend to padding: any
-    error, never generations."""
+    """A mask that is not 0s then 1s of the prompt's shape -- integer or bool, as tokenizers and users give it --
+    would silently shift positions or attend to padding: any error, never generations."""
     with pytest.raises(Exception):  # noqa: B017 -- the error's type is policy (M4.3)
         impl.generate(tiny_lm, torch.tensor([[1, 2, 3]]), 3, do_sample=False, attention_mask=torch.tensor(mask))
+
+
+@spec("M4.1")
+def test_a_bool_attention_mask_means_what_an_integer_one_does(impl, tiny_lm):
+    """Left padding given as a bool mask generates what the same mask of 0s and 1s does: each prompt alone."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 40, (L,), generator=g).tolist() for L in (2, 6, 4)]
+    ids, mask = _left_pad(prompts)
+    out = impl.generate(tiny_lm, ids, 6, do_sample=False, attention_mask=mask.bool())
+    assert out == [_greedy_alone(tiny_lm, p, 6) for p in prompts]
+
+
+def _greedy_row_with(model, impl, want, n=12):
+    """(prompt, greedy row) of the first seed whose greedy row satisfies want(row)."""
+    for seed in range(300):
+        prompt = torch.randint(1, 40, (1, 5), generator=torch.Generator().manual_seed(seed))
+        full = impl.generate(model, prompt, n, do_sample=False)[0]
+        if want(full):
+            return prompt, full
+    pytest.fail("no greedy row of the tiny model has what the test needs")
+
+
+@spec("M4.1")
+def test_eos_in_every_form_stops_the_row(impl, tiny_lm):
+    """eos_token_id as transformers takes it -- an int (0 included: GPT-2-style configs), a list or tuple (Llama-3's
+    configs hold two), a 0-d or 1-d tensor --: a row ends with the first token that is any of them, kept."""
+    prompt, full = _greedy_row_with(tiny_lm, impl, lambda row: 0 in row[1:] and len(set(row)) < 40)
+    unused, early = next(t for t in range(40) if t not in full), full[full.index(0) // 2]
+    for eos in (0, [unused, 0], (0,), torch.tensor(0), torch.tensor([unused, 0]), [0, early], torch.tensor([early, 0])):
+        ids = {int(e) for e in torch.as_tensor(eos).reshape(-1)}
+        stop = next(i for i, t in enumerate(full) if t in ids)
+        out = impl.generate(tiny_lm, prompt, 12, do_sample=False, eos_token_id=eos)[0]
+        assert out == full[:stop + 1], f"eos_token_id={eos!r}: {out} (expected to stop after token {stop})"
+
+
+@spec("M4.1")
+def test_a_stop_string_completed_inside_a_token_stops_there(impl, tiny_lm):
+    """vLLM's and transformers' stop strings: the row ends with the first token after which its text contains a stop
+    string, also when that token runs past the string's end ('Answer:' from the tokens 'Answer' and ':\\n'). The
+    stop strings may come as a tuple or a generator (read once)."""
+    prompt, full = _greedy_row_with(tiny_lm, impl, lambda row: any(a != b for a, b in zip(row[2:], row[3:])))
+    i = next(i for i in range(2, len(full) - 1) if full[i] != full[i + 1])
+    pieces = {full[i]: "Answer", full[i + 1]: ":\n"}
+
+    def decode(ids):
+        return "".join(pieces.get(t, chr(97 + t % 26)) for t in ids)
+
+    first = next(n for n in range(1, len(full) + 1) if "Answer:" in decode(full[:n]))
+    for stops in (["Answer:"], ("Answer:",), (s for s in ["Answer:"])):
+        out = impl.generate(tiny_lm, prompt, 12, do_sample=False, stop_strings=stops, decode=decode)[0]
+        assert out == full[:first], f"{type(stops).__name__}: stopped after {len(out)} tokens, not {first}"
+
+
+@spec("M4.1")
+def test_stop_strings_with_a_leading_space_and_of_several_lengths(impl, tiny_lm):
+    """A SentencePiece-style decode drops the leading space of the first token it is given: a stop string that starts
+    with a space (' x' from the tokens ' ' and 'x') is in the row's text only with the token before it. With several
+    stop strings the longest is found as surely as the shortest."""
+    prompt, full = _greedy_row_with(tiny_lm, impl, lambda row: any(a != b for a, b in zip(row[2:], row[3:])), 16)
+    i = next(i for i in range(2, len(full) - 1) if full[i] != full[i + 1])
+    pieces = {full[i]: " ", full[i + 1]: "x"}
+
+    def decode(ids):  # other tokens are ' A' .. ' Z', so only the two tokens above make ' x'
+        text = "".join(pieces.get(t, " " + chr(65 + t % 26)) for t in ids)
+        return text[1:] if text.startswith(" ") else text
+
+    first = next(n for n in range(1, len(full) + 1) if " x" in decode(full[:n]))
+    out = impl.generate(tiny_lm, prompt, 16, do_sample=False, stop_strings=[" x"], decode=decode)[0]
+    assert out == full[:first], f"stopped after {len(out)} tokens; ' x' is in the text after {first}"
+    long = _letters(full[4:9])
+    first = next(n for n in range(1, len(full) + 1) if long in _letters(full[:n]))
+    out = impl.generate(tiny_lm, prompt, 16, do_sample=False, stop_strings=["QQ", long], decode=_letters)[0]
+    assert out == full[:first], f"the 5-byte stop string {long!r} was missed beside a 2-byte one"
+
+
+@spec("M4.1")
+@pytest.mark.parametrize("tau, w", [([0.0, 0.5, 0.2], [1.0, 1.0, 1.0]), ([0.0, 0.2, 0.2], [1.0, 1.0, 1.0]),
+                                    ([0.0, 0.2, 0.5], [1.0, -0.5, 1.0]), ([0.0, 0.2, 0.5], [1.0, float("nan"), 1.0])],
+                         ids=["unsorted", "repeated", "negative weight", "NaN weight"])
+def test_generate_refuses_thresholds_that_would_sample_wrongly(impl, tiny_lm, tau, w):
+    """MinP+ thresholds and weights that are not a distribution's (M1.4's refusals) are refused by generate too, which
+    may skip the per-token checks: they would sample silently from a wrong distribution."""
+    with pytest.raises(Exception):  # noqa: B017 -- the error's type is policy
+        impl.generate(tiny_lm, torch.tensor([[1, 2, 3]]), 3, minpp=(torch.tensor(tau), torch.tensor(w)),
+                      generator=torch.Generator().manual_seed(0))
 
 
 @spec("M4.2")
@@ -1398,6 +1527,18 @@ def test_bad_generate_arguments_are_errors(impl, tiny_lm, kw):
     args.update(kw)
     with pytest.raises(REFUSED):
         impl.generate(tiny_lm, args.pop("input_ids"), args.pop("max_new_tokens"), do_sample=False, **args)
+
+
+@spec("M4.3")
+def test_eos_and_stop_string_forms_a_user_carries_over(impl, tiny_lm):
+    """stop_strings=None (transformers' default) means none; an eos_token_id that is not a token id, a list of them
+    or an integer tensor (2.5, '2', [1.5], a float tensor) is refused with a ValueError or TypeError."""
+    prompt = torch.tensor([[1, 2, 3]])
+    full = impl.generate(tiny_lm, prompt, 6, do_sample=False)[0]
+    assert impl.generate(tiny_lm, prompt, 6, do_sample=False, stop_strings=None, decode=_letters)[0] == full
+    for eos in (2.5, "2", [1.5], torch.tensor([1.0, 2.0]), [True]):
+        with pytest.raises(REFUSED):
+            impl.generate(tiny_lm, prompt, 6, do_sample=False, eos_token_id=eos)
 
 
 # ============================================================================
@@ -1647,8 +1788,11 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
     (tmp_path / "long.jsonl").write_text(json.dumps(rows[0]) + "\n")
     ev = ["eval", "--model", m, "--samplers", "greedy", "--data", str(tmp_path / "d.jsonl")]
     for argv, says in ((ev + ["--n-samples", "0"], "--n-samples"), (ev + ["--temperatures", "0.7,,1.0"], "--temperatures"),
-                       (ev + ["--batch-size", "0"], "--batch-size"), (ev + ["--samplers", "top_k=abc"], "'top_k=abc'"),
-                       (ev[:-1] + [str(tmp_path / "empty.jsonl")], "no records"), (ev + ["--samplers", "minpp"], "needs --head"),
+                       (ev + ["--batch-size", "0"], "--batch-size"), (ev[:3] + ev[5:] + ["--samplers", "top_k=abc"], "'top_k=abc'"),
+                       (ev[:-1] + [str(tmp_path / "empty.jsonl")], "no records"), (ev[:3] + ev[5:] + ["--samplers", "minpp"], "needs --head"),
+                       (ev + ["--samplers", "minpp"], "--samplers is given 2 times"),
+                       (["train", "--model", m, "--data", str(tmp_path / "d.jsonl"), "--out", f"{m}/model.safetensors"],
+                        "lies inside --model"),
                        (["train", "--model", m, "--data", str(tmp_path / "long.jsonl"), "--max-length", "2", "--out",
                          str(tmp_path / "h2.safetensors")], "--max-length 2"),
                        (["eval", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "d.jsonl")], "not a directory"),
@@ -1662,3 +1806,44 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
         assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
         assert proc.stderr.count("\n") == 1, proc.stderr
     assert (tmp_path / "d.jsonl").read_text().count("\n") == 5, "the data was written over"
+
+
+def test_generate_from_a_model_whose_weights_do_not_fit_exits_1(tmp_path):
+    """cli/minpp.py generate with stderr to a file, on a model directory whose weight names carry another prefix:
+    exit 1 naming the keys, never text generated from random weights (whatever the log verbosity)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    words = ["<pad>", "<eos>", "a", "b"]
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    lm.save_pretrained(tmp_path / "m")
+    word_tokenizer(words).save_pretrained(tmp_path / "m")
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in lm.state_dict().items()},
+              tmp_path / "m" / "model.safetensors")
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.run([sys.executable, "cli/minpp.py", "generate", "--model", str(tmp_path / "m"), "--prompt",
+                               "a b", "--max-new-tokens", "3"], stdout=subprocess.PIPE, stderr=log, text=True)
+    err = (tmp_path / "log").read_text()
+    assert proc.returncode == 1 and proc.stdout == "", (proc.stdout, err)
+    line = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert line and "base_model.model." in line[0] and "random weights" in line[0] and "Traceback" not in err, err
+
+
+def test_verdict_of_a_module_that_fails_on_import(tmp_path):
+    """--verdict on a candidate that raises while it is imported (any exception): one line 'import failed: <the
+    exception>', exit status 1, no traceback from the suite's hooks."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "broken_impl.py").write_text("raise RuntimeError('broken at import\\nsecond line')\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_minpp.py",
+                           "--minpp-impl", "broken_impl", "--verdict"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "broken_impl: import failed: RuntimeError: broken at import second line" in out and "Traceback" not in out, out

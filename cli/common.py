@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -38,8 +39,8 @@ def read_jsonl(path, need=()):
                 rec = json.loads(raw.decode("utf-8")) if raw.strip() else None
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            except ValueError as e:  # not JSON, or an integer past Python's digit limit
+                raise ValueError(f"{path}:{n}: not JSON that can be read ({str(e)[:160]})") from None
             if rec is None:
                 continue
             if not isinstance(rec, dict):
@@ -119,15 +120,29 @@ def positives(s):
 
 
 def model_dir(s):
-    """argparse type: a local model directory (nothing is downloaded)."""
+    """argparse type: a local model directory, with a config.json or a .gguf file (nothing is downloaded)."""
     if not os.path.isdir(s):
         raise argparse.ArgumentTypeError(f"{s!r} is not a directory: give a local model directory (nothing is "
                                          "downloaded)")
+    if not os.path.isfile(os.path.join(s, "config.json")) and not any(f.endswith(".gguf") for f in os.listdir(s)):
+        raise argparse.ArgumentTypeError(f"{s!r} holds no config.json and no .gguf file: not a model directory")
     return s
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the usage block is for --help)."""
+    """argparse whose errors are one line (the usage block is for --help) and which refuses an option given twice
+    (argparse would keep the last one silently), except those that add up (action 'extend': documented so)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, allow_abbrev=False, **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        for action in self._actions:
+            given = [a for a in args if a.split("=", 1)[0] in action.option_strings]
+            if len(given) > 1 and not isinstance(action, (argparse._ExtendAction, argparse._AppendAction)):
+                self.error(f"{action.option_strings[-1]} is given {len(given)} times: give it once")
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         print(f"error: {self.prog}: {message} (--help shows the usage)", file=sys.stderr)
@@ -142,7 +157,9 @@ def parser(prog, description):
 
 
 def subparser(sub, name, help):
-    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="Options that take several values add up when repeated (--val A --val B = --val A B); "
+                              "any other option given twice is refused.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -188,16 +205,36 @@ def existing(option, paths, kind="file"):
 
 
 def distinct(inputs, outputs):
-    """No output may be one of the inputs or another output (real paths: links and ./ forms too), so nothing a
-    command reads or writes is lost: {label: path or paths}; checked before any work."""
-    seen = {}
-    for label, paths in list(inputs.items()) + list(outputs.items()):
-        for p in _each(paths):
-            real = os.path.realpath(p)
-            if real in seen and (label in outputs or seen[real][0] in outputs):
-                raise UsageError(f"{label} {p} is also {seen[real][0]} {seen[real][1]}: a command never writes over "
-                                 "what it reads or what it writes")
-            seen.setdefault(real, (label, p))
+    """No output may be, contain or lie inside an input (a model or adapter directory: every file under it) or another
+    output (real paths: links and ./ forms too), so nothing a command reads or writes is lost: {label: path or
+    paths}; checked before any work."""
+    items = [(label, p, os.path.realpath(p), label in outputs) for label, paths in [*inputs.items(), *outputs.items()]
+             for p in _each(paths)]
+    for i, (label, p, real, out) in enumerate(items):
+        for label2, p2, real2, out2 in items[:i]:
+            how = "is" if real == real2 else "lies inside" if real.startswith(real2 + os.sep) else \
+                "contains" if real2.startswith(real + os.sep) else None
+            if how and (out or out2):
+                raise UsageError(f"{label} {p} {how} {label2} {p2}: a command never writes over what it reads or what "
+                                 "it writes")
+
+
+def own_dir(path, option, command, pattern, marker):
+    """--out DIR of a command that resumes in it: empty, new, or holding only what the command writes (names matching
+    pattern) with its marker file; anything else is another's and is refused (exit 2), never replaced."""
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    foreign = [f for f in found if not re.fullmatch(pattern, f)]
+    if foreign or (found and marker not in found):
+        raise UsageError(f"{option} {path} holds files {command} did not write ({', '.join((foreign or found)[:3])}"
+                         f"{', ...' if len(foreign or found) > 3 else ''}{'' if foreign else f'; no {marker}'}): "
+                         f"give a new {option}")
+
+
+def needs_peft(option):
+    """A LoRA option without peft installed: one line, before any model loads."""
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        raise UsageError(f"{option} needs peft, which is not installed: pip install -r examples/requirements.txt")
 
 
 def writable_file(path, option):
@@ -232,12 +269,12 @@ def check_gguf(model, gguf_file):
 
 
 # --- progress that a log file shows too: less_ref.Progress, the one implementation
-def Progress(total, desc, unit="records", initial=0):
+def Progress(total, desc, unit="records", initial=0, written=None):
     """less_ref.Progress: a line on stderr at the first update, every PROGRESS_SECONDS of wall time (a timer: a slow
     item or a model load shows too) and at the end, 'desc: done/total unit (pct), rate, ETA'; total=None: a phase
     without a count ('desc: 1m30s so far'). less_ref (and torch with it) is imported here, after the checks."""
     from less_ref import Progress
-    return Progress(total, desc, unit, initial)
+    return Progress(total, desc, unit, initial, written)
 
 
 # --- models: a local directory or a GGUF file inside one; nothing is downloaded
@@ -259,7 +296,12 @@ def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r
     import torch
     from transformers import AutoModelForCausalLM
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kw)
+    lm, info = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), output_loading_info=True, **kw)
+    bad = [(k.replace("_", " "), sorted(map(str, v))) for k, v in info.items() if v]
+    if bad:  # whatever the log verbosity: a model with random weights must not run quietly
+        raise ValueError(f"--model {model}: its weights do not fit its architecture (" + "; ".join(
+            f"{k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in bad) + "): it would run with random "
+            "weights")
     if lora_adapter:
         from peft import PeftModel
         lm = PeftModel.from_pretrained(lm, lora_adapter, is_trainable=True)

@@ -11,8 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: less_ref
 from cli.common import (Progress, UsageError, check_gguf, distinct, existing, file_sha256, fraction,  # noqa: E402
-                        load_model, load_tokenizer, model_dir, parser, plain_model_dir, positive, read_jsonl, run,
-                        subparser, whole, writable_dir, writable_file, write_text)
+                        load_model, load_tokenizer, model_dir, needs_peft, own_dir, parser, plain_model_dir, positive,
+                        read_jsonl, run, subparser, whole, writable_dir, writable_file, write_text)
 # torch and less_ref are imported where they are used: a mistake on the command line is found before their import
 
 
@@ -211,8 +211,9 @@ def warmup(a):
     if not 0 <= a.lora_dropout < 1:
         raise UsageError(f"--lora-dropout {a.lora_dropout} must be in [0, 1)")
     existing("--data", a.data)
-    distinct({"--data": a.data}, {f"--out's {f}": os.path.join(a.out, f) for f in ("warmup.json", "warmup.jsonl")})
+    distinct({"--model": a.model, "--data": a.data}, {"--out": a.out})
     writable_dir(a.out, "--out")
+    needs_peft("warmup (a LoRA)")
     records = read_jsonl(a.data)
     n = round(a.fraction * len(records))
     if not 1 <= n <= len(records):
@@ -243,14 +244,18 @@ def _check_collect(a):
     existing("--data", a.data)
     existing("--optimizer-state", a.optimizer_state)
     existing("--lora-adapter", a.lora_adapter, "directory")
-    distinct({"--data": a.data, "--optimizer-state": a.optimizer_state},
-             {f"--out's {f}": os.path.join(a.out, f) for f in ("features.safetensors", "identity.json")})
+    distinct({"--model": a.model, "--lora-adapter": a.lora_adapter, "--data": a.data,
+              "--optimizer-state": a.optimizer_state}, {"--out": a.out})
+    own_dir(a.out, "--out", "collect", r"identity\.json|features\.safetensors|shard-\d{3}-of-\d{3}|.+\.tmp\d+",
+            "identity.json")
     check_gguf(a.model, a.gguf_file)
     if a.lora_r and a.grad_type == "adam":
         raise UsageError("--lora-r builds a fresh, untrained LoRA, which has no Adam moments: adam features need the "
                          "adapter the optimizer state belongs to (--lora-adapter out/checkpoint-N)")
     if a.lora_r and a.lora_adapter:
         raise UsageError("give --lora-adapter (a trained adapter) or --lora-r (a fresh one), not both")
+    if a.lora_r or a.lora_adapter:
+        needs_peft("--lora-r" if a.lora_r else "--lora-adapter")
     if a.grad_type == "adam" and not a.optimizer_state:
         raise UsageError("--grad-type adam needs --optimizer-state (the checkpoint's optimizer.pt or optimizer.bin)")
     if a.grad_type != "adam" and a.optimizer_state:
@@ -268,6 +273,8 @@ def _check_collect(a):
         raise ValueError(f"--lora-adapter {a.lora_adapter}: no adapter_config.json there (a saved peft adapter, e.g. "
                          "out/checkpoint-N of warmup)")
     writable_dir(a.out, "--out")
+    from less_ref import _settings
+    _settings()  # the environment's settings too, before the model loads
 
 
 def _scores(paths):
@@ -330,15 +337,20 @@ def main(argv=None):
     c.add_argument("--loop", action="store_true",
                    help="one backward per example instead of torch.func batches (often faster on a CPU)")
     m = subparser(sub, "match", "scores of train examples against validation examples")
-    m.add_argument("--train", nargs="+", required=True, help="train features.safetensors, one per checkpoint")
-    m.add_argument("--val", nargs="+", required=True, help="validation features.safetensors, same checkpoints")
-    m.add_argument("--weights", nargs="+", type=positive, help="checkpoint weights (default: uniform)")
+    m.add_argument("--train", nargs="+", action="extend", required=True,
+                   help="train features.safetensors, one per checkpoint (repeatable: adds up)")
+    m.add_argument("--val", nargs="+", action="extend", required=True,
+                   help="validation features.safetensors, same checkpoints (repeatable: adds up)")
+    m.add_argument("--weights", nargs="+", action="extend", type=positive,
+                   help="checkpoint weights, one per checkpoint (default: uniform; repeatable: adds up)")
     m.add_argument("--trainer-state", help="or: the mean learning rate per epoch from this trainer_state.json")
     m.add_argument("--n-subtasks", type=whole(1), default=1, help="validation subtasks (mean within, max over)")
     m.add_argument("--out", required=True, help="JSONL of {id, score}")
     s = subparser(sub, "select", "write the top-scoring records, in score order")
-    s.add_argument("--scores", nargs="+", required=True, help="JSONL files written by match")
-    s.add_argument("--data", nargs="+", required=True, help="the JSONL files the train features came from")
+    s.add_argument("--scores", nargs="+", action="extend", required=True,
+                   help="JSONL files written by match (repeatable: adds up)")
+    s.add_argument("--data", nargs="+", action="extend", required=True,
+                   help="the JSONL files the train features came from (repeatable: adds up)")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--fraction", type=fraction, help="the top fraction of all scored records (LESS: 0.05)")
     g.add_argument("--k", type=whole(1), help="or the top k records")
@@ -354,6 +366,9 @@ def main(argv=None):
     if a.cmd == "match":
         if a.weights and a.trainer_state:
             raise UsageError("give --weights or --trainer-state, not both")
+        if a.weights and len(a.weights) != len(a.train):
+            raise UsageError(f"--weights gives {len(a.weights)} weights for {len(a.train)} checkpoints (--train "
+                             "files): give one weight per checkpoint")
         for option in ("--train", "--val", "--trainer-state"):
             existing(option, getattr(a, option[2:].replace("-", "_")))
         distinct({"--train": a.train, "--val": a.val, "--trainer-state": a.trainer_state}, {"--out": a.out})

@@ -216,9 +216,9 @@ def main(argv=None):
     # every option and file before torch is imported and the model loads: the model's directory, the inputs, --out
     # (never over an input or another output), the head, the samplers, the data
     check_gguf(a.model, a.gguf_file)
-    inputs = {k: getattr(a, k[2:], None) for k in ("--data", "--head")}
-    for option, path in inputs.items():
-        existing(option, path)
+    inputs = {k: getattr(a, k[2:], None) for k in ("--model", "--data", "--head")}
+    for option in ("--data", "--head"):
+        existing(option, inputs[option])
     outputs = {"--out": a.out} if getattr(a, "out", None) else {}
     if a.cmd == "train":
         outputs["--out's .jsonl export"] = export_path(a.out)
