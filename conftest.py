@@ -198,8 +198,30 @@ def pytest_collection_modifyitems(config, items):
 
 
 _COUNTS = {}  # {kind: {clause: {"passed"/"failed"/"skipped": n}}}
-_FAILED = {}  # {kind: {clause: [(test id, first line of the error)]}}
+_FAILED = {}  # {kind: {clause: [(test id, one line saying what was expected and what came)]}}
 _POLICY_FAILED = {}  # {kind: [test ids]}
+_LEFT = {}  # {(kind, clause): selected tests not yet finished}: a clause's line is printed when it reaches 0
+WIDTH = 100  # the verdict's columns
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        cid, kind = _clause(item), getattr(item.module, "IMPL_KIND", None)
+        if cid is not None and "impl" in item.fixturenames:
+            _LEFT[kind, cid] = _LEFT.get((kind, cid), 0) + 1
+
+
+def _what_failed(call):
+    """The failure in one line: the error's own first line, and where it says little (a bare AssertionError, a
+    tensor's repr), the test's line that failed (what was expected), shortened to fit."""
+    e = call.excinfo.value
+    msg = f"{type(e).__name__}: {' '.join(str(e).split())}".strip()
+    if len(msg.split(": ", 1)[-1]) < 25 or re.match(r"\w+: (tensor\(|\[|\(|assert )", msg):
+        entry = next((t for t in reversed(call.excinfo.traceback) if os.path.basename(str(t.path)).startswith("test_")),
+                     None)
+        if entry is not None:
+            msg = f"`{' '.join(str(entry.statement).split())}` -- {msg}"
+    return msg
 
 
 @pytest.hookimpl(wrapper=True)
@@ -208,18 +230,21 @@ def pytest_runtest_makereport(item, call):
     cid = _clause(item)
     if cid is None or "impl" not in item.fixturenames:
         return rep
+    kind = item.module.IMPL_KIND
     if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
-        kind = item.module.IMPL_KIND
         counts = _COUNTS.setdefault(kind, {}).setdefault(cid, {"passed": 0, "failed": 0, "skipped": 0})
         counts[rep.outcome] += 1
         if rep.failed:
-            crash = getattr(getattr(rep, "longrepr", None), "reprcrash", None)
-            msg = (getattr(crash, "message", "") or str(rep.longrepr or "")).strip().splitlines()
-            _FAILED.setdefault(kind, {}).setdefault(cid, []).append((item.nodeid, msg[0][:100] if msg else ""))
+            _FAILED.setdefault(kind, {}).setdefault(cid, []).append((item.nodeid, _what_failed(call)))
         if CLAUSES[cid]["tier"] == "policy" and rep.failed:
             _POLICY_FAILED.setdefault(kind, []).append(item.nodeid)
             if kind in _candidates(item.config) and not item.config.getoption("--policy"):
                 rep.outcome, rep.wasxfail = "skipped", "policy tier: not required for conformance (--policy counts it)"
+    if rep.when == "teardown" and (kind, cid) in _LEFT:
+        _LEFT[kind, cid] -= 1
+        tr = item.config.pluginmanager.get_plugin("terminalreporter")
+        if not _LEFT[kind, cid] and item.config.getoption("--verdict") and tr is not None:
+            _clause_lines(tr, item.config, kind, cid)  # as soon as the clause is done: a failure shows at once
     return rep
 
 
@@ -238,45 +263,87 @@ def _api(part):
     return sorted({a for c, v in CLAUSES.items() if c.startswith(part) for a in v["api"] if not a.isupper()})
 
 
+def _fit(text, indent=""):
+    """text in lines of at most WIDTH columns, words kept whole where they fit."""
+    import textwrap
+    return textwrap.wrap(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False) or [""]
+
+
+def _reproduce(config, kind, nodeid):
+    """The command that reruns one test as the user ran the suite: their PYTHONPATH and implementation option."""
+    impl = config.getoption(f"--{kind}-impl")
+    parts = [f"PYTHONPATH={os.environ['PYTHONPATH']}"] if os.environ.get("PYTHONPATH") else []
+    parts += ["python -m pytest" + (f" --{kind}-impl {impl}" if kind in _candidates(config) else ""), f"'{nodeid}'"]
+    lines = ["    " + parts[0]]  # shell continuation lines (' \\') where the whole would pass WIDTH columns
+    for part in parts[1:]:
+        if len(lines[-1]) + 1 + len(part) + 2 <= WIDTH:
+            lines[-1] += " " + part
+        else:
+            lines[-1] += " \\"
+            lines.append("      " + part)
+    return lines
+
+
+def _clause_lines(tr, config, kind, cid):
+    """A clause's line (passed / failed / skipped, what its API the module lacks) and, when it failed, its first
+    failure and the command that reproduces it."""
+    module = importlib.import_module(config.getoption(f"--{kind}-impl"))  # imported already: the tests ran
+    n, c = _COUNTS.get(kind, {}).get(cid, {"passed": 0, "failed": 0, "skipped": 0}), CLAUSES[cid]
+    missing = [a for a in c["api"] if not a.isupper() and not hasattr(module, a)]
+    title = c["title"] if len(c["title"]) <= 46 else c["title"][:45] + "~"
+    if tr._tw.width_of_current_line:  # after the progress dots of --verdict's streaming lines
+        tr.write("\n")
+    tr.write_line(f"  {cid:6s} {title:46s} {c['tier']:6s} {n['passed']:4d} / {n['failed']:2d} / {n['skipped']:3d}",
+                  red=bool(n["failed"]) and c["tier"] == "core")
+    for line in _fit(f"not provided: {', '.join(missing)}", " " * 9) if missing else []:
+        tr.write_line(f"         {line.strip()}")
+    failures = _FAILED.get(kind, {}).get(cid, [])
+    if failures:
+        nodeid, msg = failures[0]  # its first failure, and how many more
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        head = f"  FAILED {cid} {c['tier']}{more}: "
+        tr.write_line(head + (msg if len(head + msg) <= WIDTH else msg[:WIDTH - len(head) - 3] + "..."),
+                      red=c["tier"] == "core")
+        for line in _reproduce(config, kind, nodeid):
+            tr.write_line(line)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
-    """After pytest's own summary line: the clause lines and the two tier verdicts of each implementation, last."""
+    """After pytest's own summary line: the clause lines (--verdict: printed as each clause finished) and the two tier
+    verdicts of each implementation, last; clauses no selected test reached are named as not run."""
     result = yield
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is None or not _COUNTS:
         return result
+    verdict = session.config.getoption("--verdict")
     for kind, by_clause in sorted(_COUNTS.items()):
         ref, _, part = _MODULES[kind]
         module = _import(kind, session.config)
         name = module.__name__
         tr.write_line("")
-        tr.write_line(f"{name} against SPEC.md part {part} (clause: passed / failed / skipped; not provided):")
-        width = max(len(CLAUSES[cid]["title"]) for cid in by_clause)
-        for cid in sorted(by_clause, key=_clause_order):
-            n, c = by_clause[cid], CLAUSES[cid]
-            missing = [a for a in c["api"] if not a.isupper() and not hasattr(module, a)]
-            tr.write_line(f"  {cid:6s} {c['title']:{width}s} {c['tier']:6s} {n['passed']:4d} / {n['failed']:2d} / "
-                          f"{n['skipped']:3d}" + (f"; not provided: {', '.join(missing)}" if missing else ""))
-        impl_opt = f" --{kind}-impl {name}" if kind in _candidates(session.config) else ""
-        failed = _FAILED.get(kind, {})
-        for cid in sorted(failed, key=_clause_order):
-            failures = failed[cid]
-            nodeid, msg = failures[0]  # one line per failed clause: its first failure, and how many more
-            more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-            tr.write_line(f"  FAILED {cid} {CLAUSES[cid]['tier']}{more}: {msg}", red=CLAUSES[cid]["tier"] == "core")
-            tr.write_line(f"    python -m pytest '{nodeid}'{impl_opt}")
+        if not verdict:
+            tr.write_line(f"{name} against SPEC.md part {part} (clause: passed / failed / skipped; not provided):")
+            for cid in sorted(by_clause, key=_clause_order):
+                _clause_lines(tr, session.config, kind, cid)
+        not_run = sorted((c for c in CLAUSES if c.startswith(part) and c not in by_clause), key=_clause_order)
+        for line in _fit(f"not run (no selected test): {', '.join(not_run)}", "  ") if not_run else []:
+            tr.write_line(line)
         counted = kind not in _candidates(session.config) or session.config.getoption("--policy")
         for tier in ("core", "policy"):
             t = {o: sum(v[o] for cid, v in by_clause.items() if CLAUSES[cid]["tier"] == tier)
                  for o in ("passed", "failed", "skipped")}
-            verdict = ("FAIL" if tier == "core" or counted else "not required") if t["failed"] else \
-                "PASS" if t["passed"] else "NOTHING TESTED"
-            tr.write_line(f"{name} {tier} tier: {verdict} ({t['passed']} passed, {t['failed']} failed, "
-                          f"{t['skipped']} skipped)" + ("; --policy counts these failures" if verdict == "not required"
-                                                         else ""), bold=True, red=verdict in ("FAIL", "NOTHING TESTED"))
+            ran = any(CLAUSES[cid]["tier"] == tier for cid in by_clause)
+            verdict_word = ("FAIL" if tier == "core" or counted else "not required") if t["failed"] else \
+                "PASS" if t["passed"] else "NOTHING TESTED" if ran else "not run"
+            tr.write_line(f"{name} {tier} tier: {verdict_word} ({t['passed']} passed, {t['failed']} failed, "
+                          f"{t['skipped']} skipped)" + ("; --policy counts these failures"
+                                                         if verdict_word == "not required" else ""),
+                          bold=True, red=verdict_word in ("FAIL", "NOTHING TESTED"))
         if not any(hasattr(module, a) for a in _api(part)):
-            tr.write_line(f"{name} provides none of SPEC.md part {part}'s functions ({', '.join(_api(part)[:5])}, "
-                          "...): nothing was tested, exit status 1", red=True)
+            for line in _fit(f"{name} provides none of SPEC.md part {part}'s functions ({', '.join(_api(part)[:5])}, "
+                             "...): nothing was tested, exit status 1"):
+                tr.write_line(line, red=True)
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
     return result
 

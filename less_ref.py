@@ -1,8 +1,7 @@
 """LESS reference: gradient-feature data selection (Xia et al., ICML 2024), in plain torch (contract: SPEC.md part L).
 
-Follows the original LESS code (collect_grad_reps.py, matching.py): per-example gradients of the Hugging Face
-causal-LM loss (response tokens only) over the trainable parameters, Adam-preconditioned with the warm-up
-checkpoint's optimizer moments,
+Follows the original LESS code (collect_grad_reps.py, matching.py): per-example gradients of the HF causal-LM loss
+(response tokens only) over the trainable parameters, Adam-preconditioned with the warm-up checkpoint's moments,
 
     Gamma = m_hat / sqrt(v_hat + eps),  m_hat = b1 m + (1 - b1) g,  v_hat = b2 v + (1 - b2) g^2
 
@@ -32,23 +31,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["less_scores", "Projection", "PROJECTION", "PROJECTION_KINDS", "SJLT_S", "project_plain", "project",
-           "projection_matrix", "example_gradients", "trainable_parameters", "adam_features", "influence_scores",
-           "select_top", "gradient_features", "projected_features", "trainer_param_order", "adam_state",
-           "model_fingerprint", "checkpoint_weights_from_trainer_state", "load_features", "Progress",
-           "shard_positions", "collect_features", "merge_features", "match", "select_step", "encode_example",
-           "check_examples"]
-
 
 # ============================================================================
 # 1. The method, each fast path right after the plain form it must equal (up to float32 summation order)
 def less_scores(model, checkpoints, train, val, projection=None, n_subtasks=1, plain=False):
-    """The whole method in memory, float32 (N,). checkpoints: (weights, (exp_avg, exp_avg_sq), eta) per warm-up
-    checkpoint: weights a state_dict with the model's own names holding every trainable parameter (None: the model
-    as it is), moments (D,) each as adam_state lays them. Adam features of train, SGD gradients of val, projected
-    (default Projection()), eta-weighted cosine, mean per subtask, max over subtasks. plain=True: the definitions
-    (a backward per example, R whole), which the fast default equals. Holds (N, D) gradients: collect_features +
-    match compute the same in bounded memory. The model is left as it came (its weights and train/eval mode)."""
+    """The whole method in memory, float32 (N,): per warm-up checkpoint (weights: a state_dict of every trainable
+    parameter or None, (exp_avg, exp_avg_sq) (D,) as adam_state lays them, eta), Adam features of train and SGD
+    gradients of val, projected (default Projection()), eta-weighted cosine, mean per subtask, max over subtasks;
+    plain=True: the definitions (a backward per example, R whole). The model's weights and mode are restored."""
     projection = projection or Projection()
     _check_model_inputs(model, train, val)
     t_feats, v_feats, saved, was_training = [], [], {}, model.training  # per checkpoint: (N, k), (M, k)
@@ -59,7 +49,7 @@ def less_scores(model, checkpoints, train, val, projection=None, n_subtasks=1, p
                 saved.update({k: v.clone() for k, v in model.state_dict().items() if k in weights and k not in saved})
                 model.load_state_dict(weights, strict=False)
             grads = example_gradients(model, train, vmap=not plain, check=False)  # (N, D)
-            _check_moments(moments, grads.shape[1], f"checkpoint {i}")
+            _check_moments(moments, grads.shape[1:], f"checkpoint {i}")
             t_feats.append(projection(adam_features(grads, *moments), plain=plain))  # (N, k)
             v_feats.append(projection(example_gradients(model, val, not plain, False), plain=plain))  # (M, k): SGD
     finally:
@@ -75,9 +65,8 @@ SJLT_S = 4  # sjlt's nonzeros per input coordinate (projection_matrix); s = 4 ma
 
 
 class Projection(NamedTuple):
-    """What defines R, passed as one value; a feature file records its identity and features of different
-    identities are never matched. Projection(...)(x, row_offset) = project(x, ..., row_offset); plain=True:
-    project_plain; check=False: arguments already checked (projected_features' slices)."""
+    """What defines R, one value; feature files record its identity (other identities are never matched). (x,
+    row_offset) -> project(x, ..., row_offset); plain=True: project_plain; check=False: arguments already checked."""
     proj_dim: int = 8192
     seed: int = 0
     kind: str = "rademacher"
@@ -127,21 +116,31 @@ def _sjlt_rows(seed, row0, nrows, proj_dim, s, device="cpu"):
 def _words(counter, s1, s2):
     """32 random bits per int64 counter c = hi * 2^32 + lo: fmix32(fmix32(lo ^ s1) ^ hi ^ s2). Distinct counters are
     distinct hash inputs for every c < 2^63 (nothing is dropped from the counter)."""
-    return _fmix32(_fmix32((counter & 0xFFFFFFFF) ^ s1) ^ (counter >> 32) ^ s2)
+    h = _fmix32((counter & 0xFFFFFFFF) ^ s1)
+    h ^= counter >> 32
+    h ^= s2
+    return _fmix32(h)
 
 
 def _fmix32(h):
-    """murmur3's 32-bit finaliser: a bijection of [0, 2^32) with full avalanche. Works on ints and int64 tensors."""
+    """murmur3's 32-bit finaliser, a bijection of [0, 2^32) with full avalanche; ints or int64 tensors (in place)."""
     h = h ^ (h >> 16)
     h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
+    h ^= h >> 13
     h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
+    h ^= h >> 16
+    return h
 
 
 def _mul32(h, c):
     """(h * c) mod 2^32 for 0 <= h, c < 2^32, split so that int64 never overflows (CPU == CUDA, bit for bit)."""
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+    high = h * (c >> 16)
+    high &= 0xFFFF
+    high <<= 16
+    h = h * (c & 0xFFFF)
+    h += high
+    h &= 0xFFFFFFFF
+    return h
 
 
 def _seeds(seed, salt):
@@ -149,12 +148,12 @@ def _seeds(seed, salt):
 
 
 def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, block_rows=None, check=True):
-    """project_plain's y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim), with R generated
-    block_rows rows at a time on x's device, never whole: 'rademacher' (the paper's) by x_block @ R_block (addmm),
-    'sjlt' (an option, as in dattri) by adding each x_i with its s signs into its s columns (index_add_), O(D s) per
-    example; s = 4 matches the dense kind's distortion on gradients (RESULTS.md). row_offset: x holds rows
-    [row_offset, row_offset + D) of a gradient, so slices (per layer, an FSDP shard) project separately and sum to
-    the whole. Equal up to float32 summation order for every block size, batch, slice and device."""
+    """project_plain's y = x @ R[row_offset : row_offset + D] / scale, float32 (N, proj_dim), R made block_rows rows
+    at a time on x's device, never whole: 'rademacher' (the paper's) by addmm, 'sjlt' (an option, as in dattri) by
+    adding each x_i with its s signs into its s columns (index_add_, O(D s) per example; s = 4 matches the dense
+    kind's distortion, RESULTS.md). row_offset: x is rows [row_offset, row_offset + D) of a gradient, so slices
+    (layers, FSDP shards) project alone and sum to the whole. Equal up to float32 summation order for any block,
+    batch, slice, device. Floor: the product; a 64 MiB block of R costs 0.25x normal_, 6x fill_ (bench.py rgen)."""
     if x.dim() not in (1, 2):
         raise ValueError(f"x must be (N, D) or (D,), got shape {tuple(x.shape)}")
     squeeze, (N, D) = x.dim() == 1, x.reshape(-1, x.shape[-1]).shape
@@ -164,9 +163,11 @@ def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, bloc
     out = torch.zeros(N, proj_dim, device=x.device, dtype=torch.float32)  # (N, k)
     if kind == "rademacher":
         block_rows = block_rows or max(1, 2 ** 24 // proj_dim)  # 64 MiB of R a block
+        R = torch.empty(min(block_rows, D), 32 * ((proj_dim + 31) // 32), device=x.device)  # one buffer for every block
         for r0 in range(0, D, block_rows):
             nr = min(block_rows, D - r0)
-            out.addmm_(x[:, r0:r0 + nr].float(), _rademacher_rows(seed, row_offset + r0, nr, proj_dim, x.device))
+            R_block = _rademacher_rows(seed, row_offset + r0, nr, proj_dim, x.device, R[:nr])[:, :proj_dim]  # (nr, k)
+            out.addmm_(x[:, r0:r0 + nr].float(), R_block)
         return (out[0] if squeeze else out).div_(math.sqrt(proj_dim))  # (N, k) or (k,)
     out_t = out.T  # (k, N) view: index_add_ adds whole rows of N contiguous values
     block_rows = block_rows or max(1, 2 ** 22 // (s * max(N, 1)))
@@ -178,23 +179,23 @@ def project(x, proj_dim, seed=0, row_offset=0, kind="rademacher", s=SJLT_S, bloc
     return (out[0] if squeeze else out).div_(math.sqrt(s))  # (N, k) or (k,)
 
 
-def _rademacher_rows(seed, row0, nrows, proj_dim, device="cpu"):
-    """projection_matrix's dense rows [row0, row0 + nrows) * sqrt(k), float32, on a device: the same words, each
-    spread into 32 signs by a byte lookup table (4 lookups, not 32 shifts)."""
+def _rademacher_rows(seed, row0, nrows, proj_dim, device="cpu", out=None):
+    """projection_matrix's dense rows [row0, row0 + nrows) * sqrt(k), float32 (nrows, 32 W), on a device, into out if
+    given (a reused buffer: fresh memory costs more than R): each word spread into 32 signs by a byte lookup table."""
     W = (proj_dim + 31) // 32
-    rows = torch.arange(row0, row0 + nrows, device=device, dtype=torch.int64)  # (nrows,)
-    words = _words(rows[:, None] * W + torch.arange(W, device=device, dtype=torch.int64), *_seeds(seed, 0))  # (n, W)
-    byte = (words[..., None] >> torch.arange(0, 32, 8, device=device)) & 0xFF  # (nrows, W, 4)
+    counter = torch.arange(nrows * W, device=device, dtype=torch.int64).add_(row0 * W)  # (n W,): row * W + j
+    byte = _words(counter, *_seeds(seed, 0))[:, None] >> torch.arange(0, 32, 8, device=device)  # (n W, 4)
+    byte &= 0xFF  # bits 8b .. 8b + 7 of each word: columns 32 j + 8 b .. 32 j + 8 b + 7
     table = 1 - 2 * ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).float()
-    return table.index_select(0, byte.reshape(-1)).reshape(nrows, W * 32)[:, :proj_dim]  # (256, 8) -> (nrows, k)
+    out = torch.empty(nrows, 32 * W, device=device) if out is None else out  # (nrows, 32 W)
+    return torch.index_select(table, 0, byte.reshape(-1), out=out.view(-1, 8)).view(nrows, 32 * W)
 
 
 # --- per-example gradients
 def example_gradients(model, examples, vmap=True, check=True):
-    """(B, D) float32 gradients of the HF causal-LM loss (mean CE over labels != -100) per example (a dict with
-    'id', 'input_ids', 'labels'), over trainable_parameters(model), in eval mode (dropout must not change features).
-    vmap=False: the definition, one backward per example (the original's batch size 1); vmap=True: the batched
-    fast path (_vmap_gradients, right below), equal up to float rounding. check=False: examples already checked."""
+    """(B, D) float32 gradients of the HF causal-LM loss (mean CE over labels != -100) per example ({'id', 'input_ids',
+    'labels'}) over trainable_parameters(model), in eval mode (dropout must not change features). vmap=False: the
+    definition, a backward per example; vmap=True: the batched fast path right below. check=False: checked already."""
     if check:
         _check_model_inputs(model, examples)
     params = trainable_parameters(model)  # [(name, param)]: the gradient's layout
@@ -233,12 +234,9 @@ def _as_long(x):
 
 # --- gradient features
 def adam_features(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=1e-8, eps_outside=False):
-    """Gamma = m_hat / sqrt(v_hat + eps) (LESS: eps INSIDE the root, no bias correction, no lr), float32.
-    grad is (D,) or (N, D) in any float dtype; the moments are (D,). eps_outside=True gives DataFlex's
-    m_hat / (sqrt(v_hat) + eps) instead -- a different feature, so it must be asked for explicitly."""
-    if exp_avg.shape != grad.shape[-1:] or exp_avg_sq.shape != grad.shape[-1:]:
-        raise ValueError(f"exp_avg {tuple(exp_avg.shape)} and exp_avg_sq {tuple(exp_avg_sq.shape)} must be "
-                         f"({grad.shape[-1]},), one entry per gradient coordinate (grad {tuple(grad.shape)})")
+    """Gamma = m_hat / sqrt(v_hat + eps) (LESS: eps INSIDE the root, no bias correction, no lr), float32, grad (D,) or
+    (N, D) in any float dtype, moments (D,). eps_outside=True: DataFlex's m_hat / (sqrt(v_hat) + eps), on request."""
+    _check_moments((exp_avg, exp_avg_sq), grad.shape[-1:], f"adam_features of a {tuple(grad.shape)} gradient")
     g, m, v = grad.float(), exp_avg.float(), exp_avg_sq.float()  # (N, D), (D,), (D,)
     m_hat = beta1 * m + (1 - beta1) * g  # (N, D)
     v_hat = beta2 * v + (1 - beta2) * g * g  # (N, D)
@@ -247,16 +245,13 @@ def adam_features(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=1e-8, e
 
 # --- matching and selection
 def influence_scores(train, val, checkpoint_weights=None, n_subtasks=1):
-    """score_n = max_s mean_{m in subtask s} sum_i eta_i <t_in / |t_in|, v_im / |v_im|>, float32 (N,).
-    train, val: (N, k) / (M, k) tensors or lists of them, one per checkpoint; eta (default uniform) renormalised
-    to sum 1; validation rows form n_subtasks contiguous, equal-sized subtasks."""
+    """score_n = max_s mean_{m in subtask s} sum_i eta_i <t_in / |t_in|, v_im / |v_im|>, float32 (N,); train, val:
+    (N, k) / (M, k), or a list of them per checkpoint; eta (default uniform) sums to 1; subtasks: contiguous, equal."""
     train, val = ([x] if torch.is_tensor(x) else list(x) for x in (train, val))
     eta = torch.as_tensor([1.0] * len(train) if checkpoint_weights is None else checkpoint_weights, dtype=torch.float64)
     _check_influence_inputs(train, val, eta, n_subtasks)
-    sim = 0  # (N, M): sum_i eta_i / sum(eta) cos(t_in, v_im)
-    for i, (t, v) in enumerate(zip(train, val)):
-        cos = _normalise_rows(t, f"checkpoint {i} train") @ _normalise_rows(v, f"checkpoint {i} val").T  # (N, M)
-        sim = sim + (eta[i] / eta.sum()).item() * cos  # (N, M)
+    sim = sum((eta[i] / eta.sum()).item() * (_normalise_rows(t, f"checkpoint {i} train") @ _normalise_rows(
+        v, f"checkpoint {i} val").T) for i, (t, v) in enumerate(zip(train, val)))  # (N, M): sum_i eta_i cos(t, v)
     return sim.reshape(sim.shape[0], n_subtasks, -1).mean(-1).amax(-1)  # (N, S, M / S) -> (N,)
 
 
@@ -283,11 +278,9 @@ def select_top(scores, fraction=None, k=None):
 # 2. Machinery: the entry points (collect, merge, match, DataFlex's select_step) first, then what they use
 def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state=None, projection=Projection(),
                      checkpoint="", chunk_size=160, batch_size=8, vmap=True):
-    """Projected features of examples written as atomic chunk files of chunk_size rows, merged by rank 0 into
-    out_dir/features.safetensors (the path returned); under torchrun rank r takes its DistributedSampler shard.
-    A re-run resumes; another configuration is refused naming the field; errors name the sample id and stop every
-    rank. Memory: LESS_GRAD_BUFFER_BYTES of float32 gradients (whole chunks; 2x while projected) per projection, whose
-    chunks are written as soon as it is done, and after LESS_BUFFER_SECONDS at the latest (what a kill loses)."""
+    """Projected features of examples as atomic chunk files of chunk_size rows (a buffer's when it is projected),
+    merged by rank 0 into out_dir/features.safetensors (returned); under torchrun rank r takes its DistributedSampler
+    shard. A re-run resumes; another configuration is refused naming the field; errors name the id, stop every rank."""
     rank, world = _world()
     examples = list(examples)
 
@@ -344,9 +337,8 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
 
 
 def merge_features(out_dir):
-    """Every shard's rows in dataset order, padding repeats dropped, L2-normalised, written to features.safetensors;
-    (features, ids, identity). Refuses a missing rank or chunk, a foreign chunk, two rows for one id, and ids that
-    are not the collection's."""
+    """(features, ids, identity): every shard's rows in dataset order, padding repeats dropped, L2-normalised, written
+    to features.safetensors. Refuses a missing rank or chunk, a foreign chunk, two rows for an id, foreign ids."""
     with open(os.path.join(out_dir, "identity.json")) as f:
         identity = json.load(f)
     n, world, size = identity["n_examples"], identity["world_size"], identity["chunk_size"]
@@ -382,11 +374,9 @@ def merge_features(out_dir):
 
 
 def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
-    """influence_scores over merged feature files, one train and one val file per checkpoint in epoch order, after
-    checking that each pair shares projection (kind, seed, sizes), checkpoint and model; that the validation side
-    is plain gradients (grad_type sgd); that no checkpoint comes twice or out of order (names ending in their step);
-    and that the train (and the val) files hold the same ids in the same order at every checkpoint.
-    Returns (scores, train ids)."""
+    """(influence_scores, train ids) of merged feature files, a train and a val file per checkpoint in epoch order,
+    after checking that each pair shares projection, checkpoint and model, val is sgd, no checkpoint comes twice or
+    out of order (names ending in their step), and the train (val) files hold the same ids at every checkpoint."""
     train_paths, val_paths = [str(p) for p in train_paths], [str(p) for p in val_paths]
     if len(train_paths) != len(val_paths) or not train_paths:
         raise ValueError(f"need one train and one val file per checkpoint, got {len(train_paths)} and {len(val_paths)}")
@@ -397,8 +387,7 @@ def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
             if ti.get(key) != vi.get(key):
                 raise ValueError(f"{tp} and {vp} are incompatible: {key} is {ti.get(key)!r} vs {vi.get(key)!r}")
         if vi["grad_type"] != "sgd":
-            raise ValueError(f"{vp} holds {vi['grad_type']} features: LESS's validation side is plain gradients "
-                             "(collect it with grad_type sgd)")
+            raise ValueError(f"{vp} holds {vi['grad_type']} features: LESS's validation side is sgd (plain gradients)")
     _check_checkpoint_order(train_paths, [t[2] for t in train])
     for paths, side, why in ((train_paths, train, ""), (val_paths, val, ": the mean over subtasks needs the same "
                                                         "validation examples in the same order")):
@@ -414,31 +403,24 @@ def match(train_paths, val_paths, checkpoint_weights=None, n_subtasks=1):
 # --- dynamic selection during training (DataFlex: re-select total_train_batch_size * update_step every update_step)
 def select_step(model, optimizer, pool, val, n_select, projection=Projection(), batch_size=8, vmap=True,
                 eps_outside=True):
-    """Indices (descending score) of the n_select pool examples whose Adam features (live moments, current
-    weights) best match the validation gradients on average: DataFlex's score, with its m_hat / (sqrt(v_hat) +
-    eps) unless eps_outside=False. Train/eval mode is restored; under torchrun rank r scores pool[r::world]."""
+    """Indices (descending score) of the n_select pool examples whose Adam features (live moments, current weights,
+    DataFlex's eps outside the root unless eps_outside=False) best match the validation gradients on average. Train/eval
+    mode is restored; under torchrun rank r scores pool[r::world]."""
     rank, world = _world()
     _whole("n_select", n_select, 0)
     _check_model_inputs(model, pool, val)
     adam = adam_state(model, optimizer)
-    was_training = model.training
-    mine = list(range(rank, len(pool), world))
+    was_training, mine = model.training, list(range(rank, len(pool), world))
     feats = lambda ex, *a: torch.cat([torch.zeros(0, projection.proj_dim), *_features(  # noqa: E731
         model, ex, None, *a, projection, batch_size, bar, vmap, eps_outside)])  # (n, k)
     try:
         with Progress(len(val) + len(mine), f"rank {rank}: select_step") as bar:
             v, t = feats(val, "sgd", None), feats([pool[i] for i in mine], "adam", adam)  # (M, k), (n, k)
-        local = influence_scores(t, v).cpu() if mine else torch.zeros(0)
     finally:
         model.train(was_training)
-    parts = [(mine, local)]
-    if world > 1:
-        import torch.distributed as dist
-        parts = [None] * world
-        dist.all_gather_object(parts, (mine, local))
     scores = torch.full((len(pool),), float("nan"))
-    for idx, sc in parts:
-        scores[idx] = sc
+    for idx, sc in _sync(rank, world, lambda: (mine, influence_scores(t, v).cpu() if mine else []), gather=True):
+        scores[idx] = torch.as_tensor(sc)
     return select_top(scores, k=n_select)  # the same scores on every rank: the same choice
 
 
@@ -450,24 +432,24 @@ def _world():
     return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
 
 
-def _sync(rank, world, fn):
-    """fn() on every rank, then every rank learns whether any failed (none waits at a collective for a timeout):
-    the failing rank re-raises its error, the others a ValueError naming it."""
+def _sync(rank, world, fn, gather=False):
+    """fn() on every rank, then every rank learns whether any failed (none waits at a collective for a timeout): the
+    failing rank re-raises its error, the others a ValueError naming it. gather: every rank's result, in rank order."""
     if world == 1:
-        return fn()
+        return [fn()] if gather else fn()
     try:
         out, error = fn(), None
     except Exception as e:
         out, error = None, e
     import torch.distributed as dist
-    errors = [None] * world
-    dist.all_gather_object(errors, f"{type(error).__name__}: {error}" if error else None)
+    got = [None] * world
+    dist.all_gather_object(got, (f"{type(error).__name__}: {error}" if error else None, out if gather else None))
     if error is not None:
         raise error
-    failed = [(r, e) for r, e in enumerate(errors) if e]
+    failed = [(r, e) for r, (e, _) in enumerate(got) if e]
     if failed:
         raise ValueError(f"rank {failed[0][0]} failed: {failed[0][1]}")
-    return out
+    return [o for _, o in got] if gather else out
 
 
 def shard_positions(n, rank, world):
@@ -520,67 +502,59 @@ def _holds(path, identity, positions=None):
 
 
 class Progress:
-    """Lines on stderr, which a log file (nohup, a scheduler) shows as a terminal does: at the first update, then every
-    PROGRESS_SECONDS of wall time (environment, default 30; a timer, so a slow batch or a model load shows too; 0:
-    every update) and at the end: 'desc: done/total unit (pct)[, n written], rate over the last ~10 lines, ETA' --
-    or, when none finished over those lines, how long ago the last one did (or the start); total=None: a phase without a
-    count ('desc: 1m30s so far'). Use it in a with block (or call close()): the timer stops when the work does,
-    also on an error. written: what is on disk, when the caller says (collect)."""
+    """Lines on stderr (a log file shows them as a terminal does) on a timer (PROGRESS_SECONDS, default 30; 0: each
+    update), at the first update and at the end: 'desc: done/total unit (pct)[, n written], rate over ~10 lines, ETA'
+    or how long since one finished (never '?'). A with block (or close()) stops the timer with the work, also on an
+    error; written (collect: what is on disk) is said once more at the end."""
 
     def __init__(self, total, desc, unit="records", initial=0, written=None):
         import threading
         self.total, self.desc, self.unit, self.done, self.written = total, desc, unit, initial, written
-        self.start, self.marks = time.time(), [(time.time(), initial)]  # marks: (time, done) of the last ~10 lines
-        self.last, self.every, self.stop = self.start, _settings()[2], threading.Event()  # last: a record finished
-        if self.every > 0:
+        self.start = self.last = time.time()  # last: when one last finished
+        self.marks, self.every, self.stop = [(self.start, initial)], _settings()[2], threading.Event()
+        if self.every > 0:  # a line each time the wait ends without close()
             threading.Thread(target=lambda: [self._line() for _ in iter(lambda: self.stop.wait(self.every), True)],
-                             daemon=True).start()  # a line each time the wait ends without close()
+                             daemon=True).start()
 
     def _line(self):
         now, (then, done_then) = time.time(), self.marks[0]
         self.marks = (self.marks + [(now, self.done)])[-10:]
-        rate = (self.done - done_then) / max(now - then, 1e-9)
-        hms = lambda t: f"{int(t) // 60}m{int(t) % 60:02d}s"  # noqa: E731
-        if self.total is None:
-            return print(f"{self.desc}: {hms(now - self.start)} so far", file=sys.stderr, flush=True)
+        rate, hms = (self.done - done_then) / max(now - then, 1e-9), lambda t: f"{int(t) // 60}m{int(t) % 60:02d}s"
         eta = "done" if self.done >= self.total else f"ETA {hms((self.total - self.done) / rate)}" if rate > 0 \
-            else f"none finished in the last {hms(now - self.last)}"  # never '?': hung and slow look different
+            else f"none finished in the last {hms(now - self.last)}"  # hung and slow look different
+        written = "" if self.written is None else f", {self.written} written"
         print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
-              + (f", {self.written} written" if self.written is not None else "") + f", {rate:.2f} {self.unit}/s, "
-              f"{eta}", file=sys.stderr, flush=True)
+              f"{written}, {rate:.2f} {self.unit}/s, {eta}", file=sys.stderr, flush=True)
 
     def update(self, n=1):
         self.done, self.last = self.done + n, time.time()
         if len(self.marks) == 1 or self.every <= 0 or self.done >= (self.total or 0):
             self._line()
 
-    close, __enter__, __exit__ = (lambda self: self.stop.set()), (lambda self: self), (lambda self, *e: self.stop.set())
+    def close(self):
+        self.stop.set()
+        _ = self.written is None or self._line()
+
+    __enter__, __exit__ = (lambda self: self), (lambda self, *exc: self.close())
 
 
 # --- optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer; eta
 def adam_state(model, source, param_order=None):
-    """(exp_avg, exp_avg_sq), float32 (D,) each in gradient layout, from a live torch.optim optimizer, an
-    optimizer.bin (keyed by NAME: FSDP) or an optimizer.pt (keyed by INDEX in param_groups order: a Trainer's
-    decay group first, or param_order). Files load with weights_only=True; shapes are checked per parameter."""
+    """(exp_avg, exp_avg_sq), float32 (D,) each in gradient layout, from a live torch.optim optimizer, an optimizer.bin
+    (keyed by NAME: FSDP) or an optimizer.pt (keyed by INDEX: a Trainer's decay group first, or param_order)."""
     params = trainable_parameters(model)
     if isinstance(source, torch.optim.Optimizer):
         by_name = {n: source.state.get(p) for n, p in params}
     elif source is None:
-        raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state: a live optimizer or the path of "
-                         "optimizer.pt / optimizer.bin")
+        raise ValueError("grad_type 'adam' needs the checkpoint's optimizer state (optimizer.pt / .bin, or live)")
     else:
         by_name = _state_by_name(source, model, param_order)
     moments = []
     for n, p in params:
-        s = by_name.get(n)
-        if not s or "exp_avg" not in s or "exp_avg_sq" not in s:
+        s = by_name.get(n) or {}
+        if "exp_avg" not in s or "exp_avg_sq" not in s:
             raise ValueError(f"optimizer state has no exp_avg/exp_avg_sq for parameter {n!r}")
-        bad = [k for k in ("exp_avg", "exp_avg_sq") if s[k].shape != p.shape]
-        if bad:
-            raise ValueError(f"optimizer state {bad[0]} for parameter {n!r} has shape {tuple(s[bad[0]].shape)}, "
-                             f"the parameter {tuple(p.shape)}")
-        if not all(torch.isfinite(s[k]).all() for k in ("exp_avg", "exp_avg_sq")) or (s["exp_avg_sq"] < 0).any():
-            raise ValueError(f"optimizer state for parameter {n!r} has a non-finite entry or a negative exp_avg_sq")
+        _check_moments((s["exp_avg"], s["exp_avg_sq"]), p.shape, f"optimizer state for parameter {n!r}")
         moments.append([s[k].reshape(-1).float().to(p.device) for k in ("exp_avg", "exp_avg_sq")])
     return tuple(torch.cat(m) for m in zip(*moments))
 
@@ -626,21 +600,20 @@ def trainer_param_order(model):
 
 
 def checkpoint_weights_from_trainer_state(path):
-    """LESS's checkpoint weights eta_i: the mean logged learning rate of epoch i (log entries with epoch in
-    (i - 1, i]) of a transformers trainer_state.json. A missing epoch, or a learning rate that is not a finite
-    number >= 0, is an error naming the file and the entry."""
+    """LESS's checkpoint weights eta_i: the mean logged learning rate of epoch i (entries with epoch in (i - 1, i]) of
+    a transformers trainer_state.json; a missing epoch or a bad rate is an error naming the file and the entry."""
     try:
         with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable trainer_state.json ({e})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
-        raise ValueError(f"{path} has no 'log_history' list: not a transformers trainer_state.json")
+            log = json.load(f)["log_history"]
+        if not isinstance(log, list):
+            raise TypeError("log_history is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a transformers trainer_state.json with a 'log_history' list ({e!r:.100})") \
+            from None
     by_epoch = {}
-    for i, e in enumerate(state["log_history"]):
+    for i, e in enumerate(log):
         if isinstance(e, dict) and "learning_rate" in e and "epoch" in e:
-            for name in ("learning_rate", "epoch"):
-                v = e[name]
+            for name, v in ((k, e[k]) for k in ("learning_rate", "epoch")):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                     raise ValueError(f"{path}: log_history[{i}] has {name} {v!r}, not a finite number >= 0")
             by_epoch.setdefault(max(1, math.ceil(e["epoch"] - 1e-9)), []).append(e["learning_rate"])
@@ -740,9 +713,8 @@ def _file_checksum(tensors, meta):
 
 
 def _write_atomic(tensors, metadata, path):
-    """A safetensors file with JSON metadata and its checksum, written to a temp file then renamed, with the umask's
-    permissions (safetensors writes 0600: other users' ranks must read it); a failure is an OSError naming it.
-    metadata["ids"] is stored as the uint8 tensor "ids" (their JSON): the header (100 MB at most) never holds them."""
+    """A safetensors file with JSON metadata and its checksum, via a temp file renamed, with the umask's permissions
+    (not 0600: other users' ranks read it); metadata["ids"] goes to the uint8 tensor "ids" (JSON), not the header."""
     from safetensors.torch import save_file
     meta = dict(metadata, format=FILE_FORMAT)
     ids = bytearray(json.dumps(meta.pop("ids")).encode())  # never empty: "[]" at least
@@ -762,34 +734,31 @@ def _write_atomic(tensors, metadata, path):
 
 
 # --- features in bounded memory: the gradient buffer, projected slice by slice; settings read where they are used
-GRAD_BUFFER_BYTES, BUFFER_SECONDS = 2 ** 31, 600  # defaults: gradients projected at once, seconds a buffer may hold them
+GRAD_BUFFER_BYTES, BUFFER_SECONDS = 2 ** 31, 600  # defaults: gradients projected at once, seconds a buffer holds them
+
+
+def _env(name, default, lo, lo_open=False):
+    """An environment setting, read where it is used: a finite number >= lo (> lo), else a ValueError naming it."""
+    raw = os.environ.get(name)
+    try:
+        v = default if raw is None else float(raw)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and (v > lo if lo_open else v >= lo)):
+        raise ValueError(f"environment variable {name}={raw!r}: it must be a finite number {'>' * lo_open or '>='}{lo}")
+    return v
 
 
 def _settings():
-    """(buffer bytes, buffer seconds, progress seconds): LESS_GRAD_BUFFER_BYTES, LESS_BUFFER_SECONDS, PROGRESS_SECONDS,
-    read where they are used (the tools call this before a model loads); a bad value is a ValueError naming it."""
-    out = []
-    for name, default, ok, accepts in (
-            ("LESS_GRAD_BUFFER_BYTES", GRAD_BUFFER_BYTES, lambda v: 1 <= v == int(v), "a whole number of bytes >= 1"),
-            ("LESS_BUFFER_SECONDS", BUFFER_SECONDS, lambda v: v > 0, "a finite number of seconds > 0"),
-            ("PROGRESS_SECONDS", 30, lambda v: v >= 0, "a finite number of seconds >= 0 (0: every update)")):
-        raw = os.environ.get(name)
-        try:
-            v = default if raw is None else float(raw)
-        except ValueError:
-            v = math.nan
-        if not (math.isfinite(v) and ok(v)):
-            raise ValueError(f"environment variable {name}={raw!r}: it must be {accepts}")
-        out.append(int(v) if name.endswith("BYTES") else v)
-    return out
+    """(buffer bytes, buffer seconds, progress seconds): the environment's settings (the tools check them first)."""
+    return (int(_env("LESS_GRAD_BUFFER_BYTES", GRAD_BUFFER_BYTES, 1)),
+            _env("LESS_BUFFER_SECONDS", BUFFER_SECONDS, 0, True), _env("PROGRESS_SECONDS", 30, 0))
 
 
-def _features(model, examples, group_sizes, grad_type, adam, projection, batch_size, bar, vmap=True,
-              eps_outside=False):
-    """Projected features (rows, proj_dim) of checked examples, yielded whole groups at a time (group_sizes: collect's
-    chunks; None: batches), gradients batch by batch into a buffer projected at once (dense R once per buffer) when
-    the next group would take it past LESS_GRAD_BUFFER_BYTES (>= one group; 2x while projected), when it has held
-    gradients for LESS_BUFFER_SECONDS (a kill loses at most that much work), or at the end. NaN: its id."""
+def _features(model, examples, group_sizes, grad_type, adam, projection, batch_size, bar, vmap=True, eps_outside=False):
+    """Projected features (rows, k) of checked examples, whole groups at a time (collect's chunks; None: batches):
+    gradients batch by batch into a buffer projected at once (R made once) when the next group would pass
+    LESS_GRAD_BUFFER_BYTES (>= a group; 2x while projected), after LESS_BUFFER_SECONDS, or at the end. NaN: its id."""
     limit, seconds, _ = _settings()
     sizes = group_sizes or [min(batch_size, len(examples) - b) for b in range(0, len(examples), batch_size)]
     buf, start, since = [], 0, None  # gradients (B, D) per batch; the group's first example; the buffer's first time
@@ -834,9 +803,9 @@ def gradient_features(grads, grad_type, adam_state=None, eps_outside=False):
 # ============================================================================
 # 3. Data preparation: which tokens carry the loss is part of LESS's definition
 def encode_example(record, tokenizer, max_length=2048):
-    """{"id", "input_ids", "labels"} as LESS's data code builds it: {"prompt", "response"} -> prompt + response +
-    eos (a space between unless one side has it), labels -100 on the prompt; {"messages": [...]} -> the chat
-    template, labels on each assistant turn's span only. Truncated to max_length (its first tokens)."""
+    """{"id", "input_ids", "labels"} as LESS's data code builds it: {"prompt", "response"} -> prompt + response + eos
+    (a space between unless one side has it), labels -100 on the prompt; {"messages": [...]} -> the chat template,
+    labels on each assistant turn's span only. Truncated to max_length (its first tokens)."""
     sid = _check_record(record, max_length)
     ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if "messages" in record:
@@ -888,8 +857,7 @@ def _check_record(record, max_length):
 def _check_projection_args(proj_dim, seed, kind, s, block_rows=None, rows=(0, 0)):
     """The projection's values; rows = (row0, nrows): the counter row * per_row + j must stay below 2^63, so rows
     < 2^63 / per_row (2^55 at k = 8192)."""
-    if block_rows is not None:
-        _whole("block_rows", block_rows)
+    _ = block_rows is None or _whole("block_rows", block_rows)
     _whole("proj_dim", proj_dim)
     _whole("seed", seed, 0, 2 ** 32 - 1)
     if kind not in PROJECTION_KINDS:
@@ -916,8 +884,7 @@ def _check_influence_inputs(train, val, eta, n_subtasks):
         if v.shape[0] != M or t.shape[1] != v.shape[1] or t.shape[0] != train[0].shape[0]:
             raise ValueError(f"checkpoint {i}: train {tuple(t.shape)} and val {tuple(v.shape)} do not match the others")
     if eta.numel() != len(train) or (eta < 0).any() or eta.sum() <= 0 or not torch.isfinite(eta).all():
-        raise ValueError(f"checkpoint_weights must be {len(train)} finite non-negative numbers with a positive sum, "
-                         f"got {eta.tolist()}")
+        raise ValueError(f"checkpoint_weights must be {len(train)} finite numbers >= 0, sum > 0, got {eta.tolist()}")
     if M % n_subtasks:
         raise ValueError(f"n_subtasks={n_subtasks} does not divide the {M} validation examples into equal subtasks")
 
@@ -930,8 +897,7 @@ def _check_selection(scores, fraction, k):
         raise ValueError(f"scores must be a 1-D tensor (one per example), got {getattr(scores, 'shape', type(scores))}")
     if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    if k is not None:  # int(fraction N) is in [0, N] for fraction in (0, 1]
-        _whole("k", k, 0, scores.shape[0])
+    _ = k is None or _whole("k", k, 0, scores.shape[0])  # int(fraction N) is in [0, N] for fraction in (0, 1]
     if torch.isnan(scores).any():
         raise ValueError(f"score {torch.isnan(scores).nonzero()[0].item()} is NaN")
 
@@ -940,8 +906,7 @@ def _check_weights(model, weights, i):
     """A checkpoint's state_dict must name only the model's parameters and buffers and hold every trainable one:
     weights saved under another prefix (base_model.model.) would otherwise load nothing, silently."""
     if not isinstance(weights, dict):
-        raise TypeError(f"checkpoint {i}: weights must be a state_dict (a dict of tensors) or None, got "
-                        f"{type(weights).__name__}")
+        raise TypeError(f"checkpoint {i}: weights must be a state_dict or None, got {type(weights).__name__}")
     unexpected = sorted(set(weights) - set(model.state_dict()))
     missing = [n for n, _ in trainable_parameters(model) if n not in weights]
     if unexpected or missing:
@@ -950,14 +915,14 @@ def _check_weights(model, weights, i):
             (("unexpected keys", unexpected), ("missing trainable parameters", missing)) if v))
 
 
-def _check_moments(moments, D, where):
-    """(exp_avg, exp_avg_sq): two (D,) tensors, finite, exp_avg_sq >= 0 (a live optimizer goes through adam_state)."""
+def _check_moments(moments, shape, where):
+    """(exp_avg, exp_avg_sq): two finite tensors of this shape, exp_avg_sq >= 0 (a checkpoint's (D,), a parameter's)."""
     if not (isinstance(moments, (tuple, list)) and len(moments) == 2 and all(torch.is_tensor(m) for m in moments)):
         raise TypeError(f"{where}: moments must be (exp_avg, exp_avg_sq) tensors, got {type(moments).__name__}; "
                         "adam_state(model, optimizer_or_file) gives them")
     for name, m in zip(("exp_avg", "exp_avg_sq"), moments):
-        if m.shape != (D,):
-            raise ValueError(f"{where}: {name} has shape {tuple(m.shape)}, the gradient {D} entries")
+        if m.shape != shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(m.shape)}, not {tuple(shape)}")
         if not torch.isfinite(m).all() or (name == "exp_avg_sq" and (m < 0).any()):
             raise ValueError(f"{where}: {name} has a non-finite{' or negative' if name == 'exp_avg_sq' else ''} entry")
 
@@ -970,8 +935,7 @@ def _check_checkpoint_order(paths, identities):
         for key, what in (((ident["checkpoint"],), f"checkpoint {ident['checkpoint']!r}"),
                           ((ident["model"], ident["optimizer"]), "the same model and optimizer state")):
             if key in seen and key != ("",):
-                raise ValueError(f"{path} and {seen[key]} are the same checkpoint ({what}): give each checkpoint's "
-                                 "files once")
+                raise ValueError(f"{path} and {seen[key]} are the same checkpoint ({what}): give each one once")
             seen[key] = path
     steps = [re.search(r"(\d+)$", ident["checkpoint"]) for ident in identities]
     for i in range(1, len(steps) if all(steps) else 0):
@@ -1008,17 +972,15 @@ def _token_tensor(ex, key, i):
 
 
 def check_examples(examples, vocab_size=None):
-    """Each example: a dict, a unique str/int 'id', 1-D whole-number 'input_ids' and 'labels' of one length, ids
-    in [0, vocab_size), labels -100 or in range, one scored label at least (HF gives NaN without). Errors name
-    the sample id."""
+    """Each example: a dict, a unique str/int 'id', 1-D whole-number 'input_ids' and 'labels' of one length, ids in
+    [0, vocab_size), labels -100 or in range, a scored label at least (HF gives NaN without); errors name the id."""
     seen, empty = {}, []
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict) or "id" not in ex:
             raise ValueError(f"example at position {i} has no 'id' (examples: dicts of 'id', 'input_ids', 'labels')")
         sid = ex["id"]
         if isinstance(sid, bool) or not isinstance(sid, (str, int)):
-            raise ValueError(f"sample id at position {i} must be a str or int (stored as JSON), got "
-                             f"{type(sid).__name__} {sid!r}")
+            raise ValueError(f"sample id at position {i} must be a str or int, got {type(sid).__name__} {sid!r}")
         if sid in seen:
             raise ValueError(f"duplicate sample id {sid!r} at positions {seen[sid]} and {i}")
         seen[sid] = i

@@ -23,6 +23,7 @@ Precision: every function computes in float32 whatever the input dtype (fp32 / f
 """
 import json
 import math
+import os
 import warnings
 from typing import NamedTuple
 
@@ -30,11 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["minpp_probs", "minpp_logits", "cumulative_weights", "prefix_weights", "unit_weights",
-           "minpp_loss_plain", "minpp_loss", "MinPPlusHead", "threshold_grid", "answer_logits", "train_head",
-           "BandStats", "band_statistics", "band_loss", "regulariser", "weight_entropy", "next_token",
-           "next_token_probs", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "generate",
-           "minpp_logits_processor", "check_thresholds"]
 CHUNK_LOGITS = 2 ** 22  # minpp_loss, band_statistics: chunk_rows defaults to CHUNK_LOGITS // V (16 MB of float32)
 
 
@@ -148,10 +144,7 @@ class MinPPlusHead(nn.Module):
     def save(self, path):
         """safetensors file (tau, theta), written to a temp file then renamed, with the umask's permissions; a failed
         write is one OSError naming the file."""
-        import os
-
         from safetensors.torch import save_file
-
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             save_file({"tau": self.tau.contiguous(), "theta": self.theta.detach().contiguous()}, tmp,
@@ -167,7 +160,6 @@ class MinPPlusHead(nn.Module):
     @classmethod
     def load(cls, path):
         from safetensors.torch import load_file
-
         try:
             t = load_file(str(path))
         except Exception as e:  # a missing, truncated or foreign file
@@ -577,16 +569,13 @@ def _renormalise(p, keep):
 def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None, attention_mask=None,
              eos_token_id=None, stop_strings=(), decode=None, **filters):
     """Up to max_new_tokens new tokens per row (a list of lists), with a KV cache; the filters (temperature, top_k,
-    top_p, min_p, minpp=(tau, w)) go to next_token as given, and do_sample alone decides sampling vs argmax.
-    Left-padded prompts (attention_mask of 0s then 1s) get position ids of their real tokens, so each row
-    generates what its prompt alone would. A row stops after a token of eos_token_id (an int, a list of them or a
-    tensor: any one) or the first token after which its text contains a stop string (vLLM's and transformers'
-    meaning: also when that token runs past the string's end; the row keeps the token). Stop strings are looked for
-    in the text of the row's last n tokens, n = 1 + the longest stop string's UTF-8 bytes (a token holds a byte at
-    least; 1 token of context: a decoder that drops the first token's leading space still shows it)."""
-    _check_filters(filters)
+    top_p, min_p, minpp=(tau, w)) go to next_token as given; do_sample alone decides sampling vs argmax. Left-padded
+    prompts (attention_mask: 0s then 1s) get their real tokens' positions: each row generates what its prompt alone
+    would. A row stops after a token of eos_token_id (an int, a list or a tensor of them), or after the first token
+    after which its text contains a stop string (vLLM's and transformers' meaning; kept), looked for in its last 1 +
+    (the longest stop string's UTF-8 bytes) tokens (a byte a token at least; 1 token of context: a dropped space)."""
     eos, stop_strings = _check_generate_args(model, input_ids, attention_mask, max_new_tokens, eos_token_id,
-                                             stop_strings, decode)
+                                             stop_strings, decode, filters)
     if filters.get("minpp") is not None:
         check_thresholds(*filters["minpp"])  # once per call: per token it would copy tau and w to the host every step
     B = input_ids.shape[0]
@@ -687,9 +676,7 @@ def _check_training(steps, lr, reg, lam, log_every):
     for name, v in (("steps", steps), ("log_every", log_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "steps" else 0):
             raise ValueError(f"{name} must be a whole number >= {1 if name == 'steps' else 0}, got {v!r}")
-    _real("lr", lr, 0, math.inf, lo_open=True)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise ValueError(f"lam must be a finite number, got {lam!r}")
+    _real("lr", lr, 0, math.inf, lo_open=True), _real("lam", lam, -math.inf, math.inf)
     if reg not in ("entropy", "l1"):
         raise ValueError(f"regulariser must be 'entropy' or 'l1', got {reg!r}")
 
@@ -785,18 +772,12 @@ def _real(name, x, lo, hi, lo_open=False):
     return float(x)
 
 
-_FILTERS = ("temperature", "top_k", "top_p", "min_p", "minpp")
-
-
-def _check_filters(filters):
-    """generate's filters are next_token_probs' keywords; anything else is refused."""
-    unknown = sorted(set(filters) - set(_FILTERS))
-    if unknown:
-        raise ValueError(f"generate got {unknown}: the filters are {', '.join(_FILTERS)}")
-
-
-def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, eos_token_id, stop_strings, decode):
+def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, eos_token_id, stop_strings, decode,
+                         filters):
     """(eos ids as a set, stop strings as a list) after checking every argument of generate."""
+    unknown = sorted(set(filters) - {"temperature", "top_k", "top_p", "min_p", "minpp"})
+    if unknown:
+        raise ValueError(f"generate got {unknown}: the filters are temperature, top_k, top_p, min_p, minpp")
     for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if t is not None and (not torch.is_tensor(t) or t.dim() != 2 or 0 in t.shape or t.is_floating_point()):
             shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
@@ -814,8 +795,7 @@ def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, eos_t
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     eos = eos_token_id.tolist() if torch.is_tensor(eos_token_id) and eos_token_id.dim() <= 1 else eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
-    if not isinstance(eos, (list, tuple)) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
-                                                     for e in eos):
+    if not (isinstance(eos, (list, tuple)) and all(type(e) is int and e >= 0 for e in eos)):
         raise ValueError(f"eos_token_id must be a token id >= 0, a list of them or an integer tensor (0-d or 1-d), "
                          f"got {eos_token_id!r}")
     stops = [] if stop_strings is None else stop_strings

@@ -2161,8 +2161,7 @@ def test_command_line_checks_everything_before_the_model_loads(tmp_path, monkeyp
         assert says in str(e.value) and "http" not in str(e.value), (argv, e.value)
         assert (isinstance(e.value, UsageError) and code == 2) or (not isinstance(e.value, UsageError) and code == 1), argv
     for argv, _, code in cases[:2] + cases[6:7]:  # the exit statuses and the one line, as a user sees them
-        proc = _cli(*argv)
-        assert proc.returncode == code and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+        _one_line_exit(_cli(*argv), code)
     proc = _cli("collect", "--model", tmp_path / "m", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--proj-dim", "0")
     assert proc.returncode == 2 and "--proj-dim" in proc.stderr, proc.stderr  # argparse's own usage errors: 2 as well
     proc = _cli("match", "--train", tmp_path / "m" / "config.json", "--val", tmp_path / "m" / "config.json",
@@ -2353,8 +2352,11 @@ def _read_feature_file(out_dir):
 
 
 def _one_line_exit(proc, code, *says):
-    assert proc.returncode == code and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
-    assert all(s in proc.stderr for s in says) and "Traceback" not in proc.stderr, (says, proc.stderr)
+    """Exit status code and one error line, last, saying each of says; before it only the command's first line."""
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == code and lines and lines[-1].startswith("error: "), proc.stderr
+    assert all(x.startswith("cli/less.py ") for x in lines[:-1]) and len(lines) <= 2, proc.stderr
+    assert all(s in lines[-1] for s in says) and "Traceback" not in proc.stderr, (says, proc.stderr)
 
 
 def test_collect_never_replaces_files_it_did_not_write(tmp_path):
@@ -2534,3 +2536,30 @@ def test_lora_options_without_peft_are_one_line_before_the_model_loads(tmp_path,
         with pytest.raises(UsageError, match="needs peft.*pip install -r examples/requirements.txt"):
             less_cli.main([extra[0], "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out",
                            str(tmp_path / "o"), *extra[1:]])
+
+
+@pytest.mark.parametrize("argv", [["collect", "--grad-type", "sgd"], ["warmup", "--fraction", "1"]],
+                         ids=["collect", "warmup"])
+def test_a_command_says_what_it_does_within_5_seconds(tmp_path, argv):
+    """With `import torch` taking 8 s (a busy machine, a cold disk), collect and warmup still print their first line
+    (what they are about to do) within 5 s of starting, to stderr, which a log file shows."""
+    import subprocess
+    import sys
+    import time
+    _tiny_model_dir(tmp_path / "m")
+    _write(tmp_path / "d.jsonl", '{"prompt": "what is 1 ?", "response": "2"}\n')
+    probe = ("import builtins, runpy, sys, time\nreal = builtins.__import__\n"
+             "def slow(name, *a, **k):\n    if name == 'torch' and 'torch' not in sys.modules:\n        time.sleep(8)\n"
+             "    return real(name, *a, **k)\nbuiltins.__import__ = slow\nsys.argv = sys.argv[1:]\n"
+             "runpy.run_path('cli/less.py', run_name='__main__')")
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", probe, "cli/less.py", argv[0], "--model", str(tmp_path / "m"),
+                             "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), *argv[1:]],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stderr.readline()
+        took = time.time() - start
+    finally:
+        proc.kill()
+        proc.wait()
+    assert line.startswith(f"cli/less.py {argv[0]}: ") and took < 5, (line, took)

@@ -1803,8 +1803,10 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
                        (ev + ["--out", str(tmp_path / "d.jsonl")], "never writes over"),
                        (ev[:-1] + [str(tmp_path / "nowhere.jsonl")], "nowhere.jsonl: no such file")):
         proc = subprocess.run([sys.executable, "cli/minpp.py", *argv], capture_output=True, text=True)
-        assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
-        assert proc.stderr.count("\n") == 1, proc.stderr
+        lines = proc.stderr.splitlines()  # one error line, last; before it at most the command's first line
+        assert proc.returncode != 0 and says in lines[-1] and "Traceback" not in proc.stderr, (argv, proc.stderr)
+        assert lines[-1].startswith("error: ") and all(x.startswith("cli/minpp.py ") or x.startswith("loading the")
+                                                      for x in lines[:-1]), proc.stderr
     assert (tmp_path / "d.jsonl").read_text().count("\n") == 5, "the data was written over"
 
 
@@ -1847,3 +1849,67 @@ def test_verdict_of_a_module_that_fails_on_import(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "broken_impl: import failed: RuntimeError: broken at import second line" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("module, bug, clauses", [
+    ("minpp_ref", ("kept = (before < top_p).sum(-1, keepdim=True)", "kept = (before <= top_p).sum(-1, keepdim=True)"),
+     "M3.1 or M3.4"),
+    ("less_ref", ('"world_size", "optimizer"}', '"world_size", "optimizer", "model"}'), "L7.1")],
+    ids=["top-p one token too many", "match without the model's fingerprint"])
+def test_verdict_fits_100_columns_and_says_what_failed(tmp_path, module, bug, clauses):
+    """--verdict on a candidate with a planted bug, some clauses selected: every line <= 100 columns; each FAILED line
+    says what was expected and what came (the test's line where the error alone says little), the command that
+    reproduces it carries the user's PYTHONPATH and implementation option; clauses not selected are 'not run', and
+    a tier none of whose clauses ran is 'not run', never a red NOTHING TESTED."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.abspath(__file__))
+    src = open(os.path.join(root, f"{module}.py")).read()
+    assert src.count(bug[0]) == 1
+    (tmp_path / "planted.py").write_text(src.replace(*bug))
+    kind = "minpp" if module == "minpp_ref" else "less"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"test_{kind}.py", "-m",
+                           clauses, f"--{kind}-impl", "planted", "--verdict"], capture_output=True, text=True, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    lines = proc.stdout.splitlines()
+    assert all(len(line) <= 100 for line in lines), [line for line in lines if len(line) > 100]
+    assert any(line.startswith("not run (no selected test): ") for line in lines), proc.stdout
+    if kind == "less":
+        assert "planted policy tier: not run" in proc.stdout, proc.stdout
+    failed = [i for i, line in enumerate(lines) if line.startswith(f"  FAILED {clauses[:4]} core")]
+    assert proc.returncode == 1 and failed, proc.stdout
+    said = lines[failed[0]].split(": ", 1)[1]
+    assert len(said) > 30 and not said.rstrip().endswith(":") and "tensor(" not in said[:20], lines[failed[0]]
+    command = " ".join(line.strip().rstrip("\\") for line in lines[failed[0] + 1:failed[0] + 4])
+    assert f"PYTHONPATH={tmp_path} python -m pytest --{kind}-impl planted 'test_{kind}.py::" in " ".join(command.split())
+
+
+def test_data_writes_a_problem_set_a_small_model_can_answer(tmp_path, capsys):
+    """cli/minpp.py data: train/dev/test {prompt, answer} records whose '#### N' is the worked sum (a + b or a - b
+    of the prompt's operands), splits that share no template, the shots and the system line; a second run into the
+    same --out is refused (nothing written over). prompt_text puts the system line and the shots before the prompt
+    as chat turns (and as plain text without a chat template)."""
+    import json
+    import re
+    out = tmp_path / "gsm"
+    minpp_cli.main(["data", "--out", str(out), "--n-train", "12", "--n-dev", "5", "--n-test", "6", "--max-operand", "9"])
+    rows = {s: [json.loads(x) for x in (out / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "dev", "test")}
+    assert [len(rows[s]) for s in rows] == [12, 5, 6]
+    for r in sum(rows.values(), []):
+        a, op, b, res = re.search(r"(\d+) ([+-]) (\d+) = (\d+)", r["answer"]).groups()
+        assert int(res) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 1 and r["answer"].endswith(f"#### {res}")
+        assert a in r["prompt"] and b in r["prompt"], r
+    skeleton = lambda p: re.sub(r"\d+|\b[A-Z][a-z]+\b", "_", p)  # noqa: E731 -- numbers and names out
+    assert not {skeleton(r["prompt"]) for r in rows["train"]} & {skeleton(r["prompt"]) for r in rows["test"]}
+    shots = [json.loads(x) for x in (out / "shots.jsonl").read_text().splitlines()]
+    system = (out / "system.txt").read_text().strip()
+    assert len(shots) == 3 and all("####" in s["answer"] for s in shots) and "####" in system
+    with pytest.raises(ValueError, match="holds train.jsonl already"):
+        minpp_cli.main(["data", "--out", str(out)])
+    tok = word_tokenizer(["<pad>", "<eos>", "hi"])
+    text = minpp_cli.prompt_text(tok, "Q?", system, [(s["prompt"], s["answer"]) for s in shots])
+    at = [text.index(x) for x in (system, shots[0]["prompt"], shots[0]["answer"], shots[2]["answer"], "Q?")]
+    assert at == sorted(at) and text.count("assistant") == 4, text
+    tok.chat_template = None
+    assert minpp_cli.prompt_text(tok, "Q?", system, [("q1", "a1")]) == f"{system}\n\nq1\n\na1\n\nQ?"

@@ -18,9 +18,9 @@ jl       : JL quality of both kinds on real per-example gradients (a tiny Llama)
            cosine errors, and the top-5% LESS selection from projected vs exact (unprojected) features.
 fingerprint : model_fingerprint (sha256 of every parameter) on a ~1e8-parameter Llama.
 slices   : peak memory of the collection's feature step, whole gradient vs projected_features (row_offset slices).
+rgen     : one (2048, 8192) block of R, made as project makes it, vs torch's normal_ and fill_ on the same block.
 collect  : collect_features on a full-parameter 2-layer Llama (D = 590k), k = 8192, sgd: dense vs sjlt on 320
-           records (2 chunks, one projection buffer), and on 48 records dense with a buffer of one batch (R made once
-           per batch of 8, as before issue 37) vs the default buffer.
+           records (2 chunks, one projection buffer) and on 48 records (R made once for them all).
 """
 import argparse
 import json
@@ -430,13 +430,11 @@ def bench_collect(device, smoke):
     gemm = (time.perf_counter() - t) / n_ex
     row("collect", f"full-parameter Llama D={D / 1e6:.2f}M k={k} N={n_ex}, dense - sjlt vs the GEMM alone", dense - sj,
         gemm, "s_per_record", note=f"GEMM {2 * D * k * n_ex / gemm / n_ex / 1e9:.0f} GFLOP/s")
-    few = ex[:min(48, n_ex)]
-    buffered, f_buf = run("rademacher", ex=few)
-    per_batch, f_batch = run("rademacher", buffer_bytes=8 * D * 4, ex=few)  # one batch of 8 rows: R made per batch
-    diff = (f_buf - f_batch).abs().max().item()
-    row("collect", f"full-parameter Llama D={D / 1e6:.2f}M k={k} N={len(few)}, dense: buffer vs per batch", buffered,
-        per_batch, "s_per_record", note=f"{per_batch / buffered:.1f}x faster; features max |diff| {diff:.1e}; "
-        f"load {os.getloadavg()[0]:.1f}")
+    few = ex[:min(48, n_ex)]  # a small pool: R is made once for all of it, so its cost decides
+    sj_few, _ = run("sjlt", ex=few)
+    dense_few, _ = run("rademacher", ex=few)
+    row("collect", f"full-parameter Llama D={D / 1e6:.2f}M k={k} N={len(few)}, dense vs sjlt", dense_few, sj_few,
+        "s_per_record", note=f"dense / sjlt = {dense_few / sj_few:.2f}; load {os.getloadavg()[0]:.1f}")
 
 
 def bench_head(device, smoke):
@@ -473,12 +471,30 @@ def bench_head(device, smoke):
             times.append(time.perf_counter() - t0)
         w_old, w_new = out[0], out[1] if base_steps == 300 else with_stats(base_steps)
         diff = ((w_new - w_old).abs().max() / w_old.abs().max()).item()
+        ce = interleaved([lambda: F.cross_entropy(z.detach().requires_grad_(True), t).backward()], device, 3)[0]
+        row("head", f"N={N} V={V} fp32, K=65, train_head vs one cross_entropy fwd+bwd", times[1], ce,
+            note=f"load {os.getloadavg()[0]:.1f}")
         row("head", f"N={N} V={V} fp32, K=65, 300 steps", times[1], times[0] * 300 / base_steps,
             note=f"train_head via band statistics vs minpp_loss per step{'' if base_steps == 300 else ' (30 steps timed, x10)'}; "
                  f"weights after {base_steps} steps: max |difference| / max w = {diff:.2e}")
 
 
-BENCHES = ("project", "grads", "loss", "head", "samplers", "sjlt", "jl", "fingerprint", "slices", "collect")
+def bench_rgen(device, smoke):
+    """One block of R as project makes it -- (2048, 8192), 64 MiB, into the buffer project reuses -- vs torch's own RNG
+    (normal_) and the memory-write floor (fill_) on a block of the same size, interleaved in one process."""
+    n, k = (256, 512) if smoke else (2048, 8192)
+    buf, blk = torch.empty(n, k, device=device), torch.empty(n, k, device=device)
+    ours, normal, fill = interleaved([lambda: less_ref._rademacher_rows(0, 12345, n, k, device, buf),
+                                      lambda: blk.normal_(), lambda: blk.fill_(1.0)], device, repeat=15)
+    load = os.getloadavg()[0]
+    row("rgen", f"R block ({n}, {k}) vs normal_", ours, normal, note=f"load {load:.1f}")
+    row("rgen", f"R block ({n}, {k}) vs fill_", ours, fill, note=f"load {load:.1f}")
+    x = torch.randn(16, n, device=device)
+    gemm = interleaved([lambda: torch.mm(x, buf)], device, repeat=15)[0]
+    row("rgen", f"R block ({n}, {k}) vs its product with 16 rows", ours, gemm, note=f"load {load:.1f}")
+
+
+BENCHES = ("project", "grads", "loss", "head", "samplers", "sjlt", "jl", "fingerprint", "slices", "collect", "rgen")
 
 
 def main():

@@ -268,13 +268,34 @@ def check_gguf(model, gguf_file):
                          f"{', '.join(found) if found else 'none'})")
 
 
+# --- progress that a log file shows too: a first line before anything slow, then less_ref.Progress
+def first_line(text):
+    """The command's first line on stderr, printed once its options and files are checked and before anything slow
+    (importing torch takes seconds on a busy machine): what it is about to do."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def phase(desc):
+    """A heartbeat for a step without a count (loading a tokenizer or a model, a conversion): a with block."""
+    return contextlib.closing(Progress(None, desc))
+
+
 # --- progress that a log file shows too: less_ref.Progress, the one implementation
 def Progress(total, desc, unit="records", initial=0, written=None):
     """less_ref.Progress: a line on stderr at the first update, every PROGRESS_SECONDS of wall time (a timer: a slow
     item or a model load shows too) and at the end, 'desc: done/total unit (pct), rate, ETA'; total=None: a phase
-    without a count ('desc: 1m30s so far'). less_ref (and torch with it) is imported here, after the checks."""
+    without a count, 'desc: 1m30s so far' on the timer (a model load, a conversion). less_ref (and torch with it) is
+    imported here, after the checks."""
+    import time
+
     from less_ref import Progress
-    return Progress(total, desc, unit, initial, written)
+
+    class Heartbeat(Progress):
+        def _line(self):
+            t = int(time.time() - self.start)
+            print(f"{self.desc}: {t // 60}m{t % 60:02d}s so far", file=sys.stderr, flush=True)
+
+    return (Heartbeat if total is None else Progress)(total, desc, unit, initial, written)
 
 
 # --- models: a local directory or a GGUF file inside one; nothing is downloaded

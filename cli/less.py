@@ -10,9 +10,10 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: less_ref
-from cli.common import (Progress, UsageError, check_gguf, distinct, existing, file_sha256, fraction,  # noqa: E402
-                        load_model, load_tokenizer, model_dir, needs_peft, own_dir, parser, plain_model_dir, positive,
-                        read_jsonl, run, subparser, whole, writable_dir, writable_file, write_text)
+from cli.common import (Progress, UsageError, check_gguf, distinct, existing, file_sha256, first_line,  # noqa: E402
+                        fraction, load_model, load_tokenizer, model_dir, needs_peft, own_dir, parser, phase,
+                        plain_model_dir, positive, read_jsonl, run, subparser, whole, writable_dir, writable_file,
+                        write_text)
 # torch and less_ref are imported where they are used: a mistake on the command line is found before their import
 
 
@@ -128,7 +129,7 @@ def train_lora(base, examples, out, epochs=4, lr=2e-5, batch_size=1, grad_accum=
     CUDA. Progress: a line per ~30 s with steps, rate and ETA, in a log file too. Returns the model."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     class ProgressLines(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -140,11 +141,12 @@ def train_lora(base, examples, out, epochs=4, lr=2e-5, batch_size=1, grad_accum=
         def on_train_end(self, args, state, control, **kw):
             self.bar.close()
 
-    tok = load_tokenizer(base)
-    torch.manual_seed(seed)
-    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
-        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets.split(","),
-        task_type="CAUSAL_LM"))
+    with phase(f"loading the base model {base} for the LoRA warm-up"):
+        tok = load_tokenizer(base)
+        torch.manual_seed(seed)
+        lm = get_peft_model(load_model(base), LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets.split(","),
+            task_type="CAUSAL_LM"))
     args = TrainingArguments(out, num_train_epochs=epochs, learning_rate=lr, lr_scheduler_type="linear",
                              warmup_steps=0.03, weight_decay=0.0, optim="adamw_torch",
                              per_device_train_batch_size=batch_size,
@@ -219,17 +221,22 @@ def warmup(a):
     if not 1 <= n <= len(records):
         raise UsageError(f"--fraction {a.fraction} of {len(records)} records is {n}: choose one that keeps 1 or more")
     run = _warmup_run(a, a.out)
-    import torch
+    first_line(f"cli/less.py warmup: {a.epochs} epochs of a LoRA (r {a.lora_r}) on {n} of the {len(records)} records "
+               f"of {a.data} -> {a.out}")
+    with phase(f"reading the tokenizer of {a.model} and encoding {len(records)} records"):
+        import torch
 
-    from less_ref import check_examples, encode_example
-    tok = load_tokenizer(a.model, a.gguf_file)
-    examples = [encode_example(r, tok, a.max_length) for r in records]
-    check_examples(examples, len(tok))
+        from less_ref import check_examples, encode_example
+        tok = load_tokenizer(a.model, a.gguf_file)
+        examples = [encode_example(r, tok, a.max_length) for r in records]
+        check_examples(examples, len(tok))
     keep = sorted(torch.randperm(len(records), generator=torch.Generator().manual_seed(a.seed))[:n].tolist())
     os.makedirs(a.out, exist_ok=True)
     write_text(os.path.join(a.out, "warmup.json"), json.dumps(run, indent=1) + "\n")
     write_text(os.path.join(a.out, "warmup.jsonl"), "".join(json.dumps(records[i]) + "\n" for i in keep))
-    base = plain_model_dir(a.model, a.gguf_file, a.out, tok)
+    with phase(f"converting {a.gguf_file} to a plain model directory {a.out}/base-model" if a.gguf_file else
+               "checking the base model"):
+        base = plain_model_dir(a.model, a.gguf_file, a.out, tok)
     train_lora(base, [examples[i] for i in keep], a.out, a.epochs, a.lr, a.batch_size, a.grad_accum, a.seed, a.lora_r,
                a.lora_alpha, a.lora_dropout, a.lora_targets, resume=a.resume)
     ckpts = checkpoints(a.out)
@@ -239,8 +246,8 @@ def warmup(a):
 
 
 def _check_collect(a):
-    """Every option and file of collect, before the tokenizer and the model load (and torch before the optimizer
-    file's check)."""
+    """Every option and file of collect, before the tokenizer and the model load: what needs no torch, the first line,
+    then the environment's settings and the optimizer file's format."""
     existing("--data", a.data)
     existing("--optimizer-state", a.optimizer_state)
     existing("--lora-adapter", a.lora_adapter, "directory")
@@ -260,6 +267,15 @@ def _check_collect(a):
         raise UsageError("--grad-type adam needs --optimizer-state (the checkpoint's optimizer.pt or optimizer.bin)")
     if a.grad_type != "adam" and a.optimizer_state:
         raise UsageError(f"--optimizer-state is used by --grad-type adam only, not {a.grad_type}")
+    if a.lora_adapter and not os.path.isfile(os.path.join(a.lora_adapter, "adapter_config.json")):
+        raise ValueError(f"--lora-adapter {a.lora_adapter}: no adapter_config.json there (a saved peft adapter, e.g. "
+                         "out/checkpoint-N of warmup)")
+    writable_dir(a.out, "--out")
+    a.records = read_jsonl(a.data)  # before any model: a bad line is one line, found at once
+    first_line(f"cli/less.py collect: {a.grad_type} features of {len(a.records)} records of {a.data} under {a.model} "
+               f"-> {a.out}")  # what comes next imports torch (seconds)
+    from less_ref import _settings
+    _settings()  # the environment's settings too, before the model loads
     if a.optimizer_state:
         import torch
         try:  # mapped, not read: a check of the format, cheap for a large file
@@ -269,12 +285,6 @@ def _check_collect(a):
                              f"weights_only=True ({type(e).__name__}: {str(e)[:120]})") from None
         if not (isinstance(sd, dict) and isinstance(sd.get("state"), dict)):
             raise ValueError(f"--optimizer-state {a.optimizer_state}: not an optimizer state_dict (no 'state' entry)")
-    if a.lora_adapter and not os.path.isfile(os.path.join(a.lora_adapter, "adapter_config.json")):
-        raise ValueError(f"--lora-adapter {a.lora_adapter}: no adapter_config.json there (a saved peft adapter, e.g. "
-                         "out/checkpoint-N of warmup)")
-    writable_dir(a.out, "--out")
-    from less_ref import _settings
-    _settings()  # the environment's settings too, before the model loads
 
 
 def _scores(paths):
@@ -373,6 +383,7 @@ def main(argv=None):
             existing(option, getattr(a, option[2:].replace("-", "_")))
         distinct({"--train": a.train, "--val": a.val, "--trainer-state": a.trainer_state}, {"--out": a.out})
         writable_file(a.out, "--out")
+        first_line(f"cli/less.py match: {len(a.train)} checkpoint(s), train and val features -> {a.out}")
         from less_ref import checkpoint_weights_from_trainer_state, match
         weights = a.weights or (checkpoint_weights_from_trainer_state(a.trainer_state) if a.trainer_state else None)
         scores, ids = match(a.train, a.val, weights, a.n_subtasks)
@@ -383,6 +394,8 @@ def main(argv=None):
     existing("--data", a.data)
     distinct({"--scores": a.scores, "--data": a.data}, {"--out": a.out})
     writable_file(a.out, "--out")
+    first_line(f"cli/less.py select: the top {a.k or a.fraction} of the records scored in {', '.join(a.scores)} "
+               f"-> {a.out}")
     import torch
 
     from less_ref import select_top
@@ -418,9 +431,10 @@ def collect(a):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    tok = load_tokenizer(a.model, a.gguf_file)  # data are read and checked before the model loads
-    examples = [encode_example(r, tok, a.max_length) for r in read_jsonl(a.data)]
-    check_examples(examples, len(tok))
+    with phase(f"reading the tokenizer of {a.model} and encoding {len(a.records)} records"):  # before the model
+        tok = load_tokenizer(a.model, a.gguf_file)
+        examples = [encode_example(r, tok, a.max_length) for r in a.records]
+        check_examples(examples, len(tok))
     with contextlib.closing(Progress(None, f"loading the model {a.model}")):
         model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
     model.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -104,12 +104,84 @@ def head_diagnostics(head, logits, target, min_share=1e-3):
 
 
 
-def _prompt_text(tok, prompt):
-    """The prompt as the model sees it: the chat template's user turn + generation prompt when there is one."""
+def prompt_text(tok, prompt, system=None, shots=()):
+    """The prompt as the model sees it: with a chat template, a system line (if given), the shots as user and
+    assistant turns, the prompt's user turn and the generation prompt; without one, the same as plain text."""
+    msgs = [{"role": "system", "content": system}] * bool(system) + [
+        m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+        return tok.apply_chat_template(msgs + [{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
-    return prompt
+    return "".join(f"{m['content']}\n\n" for m in msgs) + prompt
+
+
+_prompt_text = prompt_text  # the name examples/smollm2.py and older scripts use
+
+
+# --- a GSM8K-style problem set a small model can answer (examples/minpp_compare.py uses the same): `data`
+NAMES = ["Tom", "Ana", "Lee", "Maya", "Omar", "Sara", "Ben", "Ivy"]
+THINGS = ["apples", "books", "coins", "stamps", "shells", "pencils", "cards", "marbles"]
+# (question, worked answer, operation): 12 templates, split 4 / 4 / 4 by index into train / dev / test
+TEMPLATES = [
+    ("{n} has {a} {t}. {n} gets {b} more. How many {t} does {n} have now?", "{n} has {a} + {b} = {r} {t}.", "+"),
+    ("{n} had {a} {t} and gave {b} to a friend. How many {t} does {n} have left?",
+     "{n} has {a} - {b} = {r} {t} left.", "-"),
+    ("{n} picks {a} {t} in the morning and {b} in the afternoon. How many {t} did {n} pick?",
+     "{n} picked {a} + {b} = {r} {t}.", "+"),
+    ("There are {a} {t} on a table and {b} more in a bag. How many {t} are there in all?",
+     "There are {a} + {b} = {r} {t}.", "+"),
+    ("{n} found {a} {t} on Monday and {b} on Tuesday. How many {t} did {n} find?",
+     "{n} found {a} + {b} = {r} {t}.", "+"),
+    ("A shop had {a} {t}. It sold {b} of them. How many {t} are still in the shop?",
+     "The shop has {a} - {b} = {r} {t}.", "-"),
+    ("{n} has {a} red {t} and {b} blue {t}. How many {t} does {n} have?", "{n} has {a} + {b} = {r} {t}.", "+"),
+    ("{n} collects {a} {t}, then {b} more. How many {t} does {n} have?", "{n} has {a} + {b} = {r} {t}.", "+"),
+    ("{n} has {a} {t} and loses {b}. How many {t} are left?", "{n} has {a} - {b} = {r} {t} left.", "-"),
+    ("A box holds {a} {t}. {b} are taken out. How many {t} are in the box now?",
+     "The box has {a} - {b} = {r} {t}.", "-"),
+    ("{n} reads {a} {t} in May and {b} in June. How many {t} in total?", "{n} read {a} + {b} = {r} {t}.", "+"),
+    ("{n} baked {a} {t} and ate {b}. How many {t} are left?", "{n} has {a} - {b} = {r} {t} left.", "-"),
+]
+SPLITS = {"train": [0, 3, 6, 9], "dev": [1, 4, 7, 11], "test": [2, 5, 8, 10]}  # 1-2 subtraction templates each
+SHOTS = [("Mia has 3 pens. Mia gets 4 more. How many pens does Mia have now?", "Mia has 3 + 4 = 7 pens. #### 7"),
+         ("Leo had 9 cups and broke 2. How many cups does Leo have left?", "Leo has 9 - 2 = 7 cups left. #### 7"),
+         ("Zoe sees 5 birds and then 3 more. How many birds did Zoe see?", "Zoe saw 5 + 3 = 8 birds. #### 8")]
+SYSTEM = "Answer with one short sentence, then '####' and the number."
+
+
+def problem(template, rng, hi):
+    """One {prompt, answer} record of TEMPLATES[template] with operands 2..hi (a subtraction never goes below 1)."""
+    q, a_text, op = TEMPLATES[template]
+    a, b = rng.randint(2, hi), rng.randint(2, hi)
+    if op == "-":
+        a, b = max(a, b) + 1, min(a, b)
+    r = a + b if op == "+" else a - b
+    kw = dict(n=rng.choice(NAMES), t=rng.choice(THINGS), a=a, b=b, r=r)
+    return {"prompt": q.format(**kw), "answer": a_text.format(**kw) + f" #### {r}"}
+
+
+def problems(split, n, seed, hi):
+    """n problems of a split (train, dev or test: no template shared between splits), seeded by split and seed."""
+    import random
+    rng = random.Random(f"{split}-{seed}")
+    return [problem(rng.choice(SPLITS[split]), rng, hi) for _ in range(n)]
+
+
+def write_data(a):
+    """`data`: OUT/train.jsonl, dev.jsonl, test.jsonl ({prompt, answer}, GSM8K's '#### N'), shots.jsonl (the 3
+    worked examples) and system.txt (the answer-format line) -- what train and eval read with --shots / --system."""
+    out = {f"{split}.jsonl": problems(split, n, a.seed, a.max_operand)
+           for split, n in (("train", a.n_train), ("dev", a.n_dev), ("test", a.n_test))}
+    out["shots.jsonl"] = [{"prompt": q, "answer": ans} for q, ans in SHOTS]
+    distinct({}, {"--out": a.out})
+    for name in (*out, "system.txt"):
+        if os.path.exists(os.path.join(a.out, name)):
+            raise UsageError(f"--out {a.out} holds {name} already: give a new --out (nothing is written over)")
+    os.makedirs(a.out, exist_ok=True)
+    for name, rows in out.items():
+        write_text(os.path.join(a.out, name), "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(os.path.join(a.out, "system.txt"), SYSTEM + "\n")
+    print(f"{', '.join(f'{len(r)} {n}' for n, r in out.items())}, system.txt -> {a.out}")
 
 
 def _records(path, need_answer_number=False):
@@ -126,14 +198,14 @@ def _records(path, need_answer_number=False):
     return rows
 
 
-def _answer_data(model, tok, rows, max_length):
+def _answer_data(model, tok, rows, max_length, system=None, shots=()):
     """Frozen logits at the answer tokens of every record (prompt as the model sees it, answer + eos): (n, V)."""
     import torch
 
     from minpp_ref import answer_logits
     zs, ts, bar = [], [], Progress(len(rows), "answer logits")
     for r in rows:
-        p = tok(_prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
+        p = tok(prompt_text(tok, r["prompt"], system, shots), add_special_tokens=False)["input_ids"]
         a = tok(r["answer"] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
         if len(p) >= max_length:
             raise ValueError(f"record {r['id']}: its prompt is {len(p)} tokens, so no answer token fits in "
@@ -149,14 +221,15 @@ def _answer_data(model, tok, rows, max_length):
 
 
 def _sampler(spec, head):
-    """'greedy', 'none', 'top_k=50', 'top_p=0.9', 'min_p=0.1' or 'minpp' -> generate() keyword arguments."""
+    """'greedy', 'none', 'top_k=50', 'top_p=0.9', 'min_p=0.1' or 'minpp' -> generate() keyword arguments (head True:
+    a check of the syntax before the head is loaded)."""
     name, _, value = spec.partition("=")
     if name == "greedy" and not value:
         return {"do_sample": False}
     if name == "minpp" and not value:
         if head is None:
             raise UsageError("the 'minpp' sampler needs --head")
-        return {"minpp": (head.tau, head.w.detach())}
+        return {"minpp": (head.tau, head.w.detach())} if head is not True else {}
     if name not in ("none", "top_k", "top_p", "min_p") or (name != "none") != bool(value):
         raise UsageError(f"sampler {spec!r}: use greedy, none, top_k=K, top_p=P, min_p=P or minpp")
     if name == "none":
@@ -178,10 +251,21 @@ def main(argv=None):
     t = subparser(sub, "train", "fit a head on a frozen model's distributions at reference answers")
     e = subparser(sub, "eval", "GSM8K-style accuracy per sampler and temperature")
     g = subparser(sub, "generate", "continue one prompt")
+    d = subparser(sub, "data", "write a GSM8K-style problem set a small model can answer (train/dev/test, shots)")
     for p in (t, e, g):
         p.add_argument("--model", required=True, type=model_dir,
                        help="a local model directory (warmup's OUT/base-model is one: a GGUF read once)")
         p.add_argument("--gguf-file", help="a GGUF checkpoint inside --model (read dequantised to float32, every run)")
+        p.add_argument("--system", help="a system line before every prompt (data's OUT/system.txt: the answer format)")
+        p.add_argument("--shots", help="JSONL of {prompt, answer}: worked examples shown before every prompt as chat "
+                                       "turns (data's OUT/shots.jsonl)")
+    d.add_argument("--out", required=True, help="a new directory: train.jsonl, dev.jsonl, test.jsonl, shots.jsonl, "
+                                                "system.txt")
+    d.add_argument("--n-train", type=whole(1), default=200, help="problems to train a head on")
+    d.add_argument("--n-dev", type=whole(1), default=50, help="problems to tune the baselines on")
+    d.add_argument("--n-test", type=whole(1), default=50, help="problems to compare on (no template shared)")
+    d.add_argument("--max-operand", type=whole(2), default=5, help="operands are 2..this (larger: harder)")
+    d.add_argument("--seed", type=whole(0), default=0, help="seed of the problems")
     t.add_argument("--data", required=True, help="JSONL of {prompt, answer} records")
     t.add_argument("--K", type=whole(2), default=32, help="number of thresholds (tau = 0 is one of them)")
     t.add_argument("--grid", default="log", choices=["log", "linear"], help="threshold spacing")
@@ -211,13 +295,13 @@ def main(argv=None):
     g.add_argument("--temperature", type=positive, default=1.0, help="sampling temperature")
     subparser(sub, "demo", "an offline end-to-end run on a tiny model")
     a = ap.parse_args(argv)
-    if a.cmd == "demo":
-        return demo()
+    if a.cmd in ("demo", "data"):
+        return demo() if a.cmd == "demo" else write_data(a)
     # every option and file before torch is imported and the model loads: the model's directory, the inputs, --out
-    # (never over an input or another output), the head, the samplers, the data
+    # (never over an input or another output), the samplers, the data; then a first line, then the slow part
     check_gguf(a.model, a.gguf_file)
-    inputs = {k: getattr(a, k[2:], None) for k in ("--model", "--data", "--head")}
-    for option in ("--data", "--head"):
+    inputs = {k: getattr(a, k[2:], None) for k in ("--model", "--data", "--head", "--shots")}
+    for option in ("--data", "--head", "--shots"):
         existing(option, inputs[option])
     outputs = {"--out": a.out} if getattr(a, "out", None) else {}
     if a.cmd == "train":
@@ -225,20 +309,25 @@ def main(argv=None):
     distinct(inputs, outputs)
     for path in outputs.values():
         writable_file(path, "--out")
+    names = a.samplers.split(",") if a.cmd == "eval" else [getattr(a, "sampler", "")] * (a.cmd == "generate")
+    for name in names:  # the syntax now, the head's weights once it is loaded
+        _sampler(name, True)
+    rows = _records(a.data, need_answer_number=a.cmd == "eval") if a.cmd != "generate" else None
+    a.shots = [(r["prompt"], r["answer"]) for r in _records(a.shots)] if a.shots else []
+    print(f"cli/minpp.py {a.cmd}: " + (f"{len(rows)} records of {a.data}" if rows else repr(a.prompt[:60]))
+          + f"; loading {a.model} (a first line: the slow part starts)", file=sys.stderr, flush=True)
     import torch
 
     from minpp_ref import MinPPlusHead
     head = MinPPlusHead.load(a.head) if getattr(a, "head", None) else None
-    specs = {s: _sampler(s, head) for s in (a.samplers.split(",") if a.cmd == "eval" else [getattr(a, "sampler", "")])
-             if a.cmd != "train"}
-    rows = _records(a.data, need_answer_number=a.cmd == "eval") if a.cmd != "generate" else None
+    specs = {name: _sampler(name, head) for name in names}
     with contextlib.closing(Progress(None, f"loading the model {a.model}")):
         model, tok = load_model(a.model, a.gguf_file).eval(), load_tokenizer(a.model, a.gguf_file, padding_side="left")
     if a.cmd == "train":
         return train(a, model, tok, rows)
     g_ = torch.Generator().manual_seed(a.seed)
     if a.cmd == "generate":
-        enc = tok([_prompt_text(tok, a.prompt)], return_tensors="pt", add_special_tokens=False)
+        enc = tok([prompt_text(tok, a.prompt, a.system, a.shots)], return_tensors="pt", add_special_tokens=False)
         out = generate(model, enc.input_ids, a.max_new_tokens, temperature=a.temperature,
                        attention_mask=enc.attention_mask, eos_token_id=tok.eos_token_id, generator=g_,
                        **specs[a.sampler])
@@ -259,7 +348,7 @@ def export_path(out):
 
 def train(a, model, tok, rows):
     from minpp_ref import MinPPlusHead, apply_temperature, train_head
-    z, target = _answer_data(model, tok, rows, a.max_length)
+    z, target = _answer_data(model, tok, rows, a.max_length, a.system, a.shots)
     head = MinPPlusHead(K=a.K, grid=a.grid, tau_min=a.tau_min)
     train_head(head, z, target, steps=a.steps, lr=a.lr, reg=a.reg, lam=a.lam, temperature=a.temperature,
                log_every=max(1, a.steps // 10))
@@ -294,8 +383,8 @@ def evaluate(a, model, tok, rows, specs, g_):
             bar = Progress(len(rows) * n_samples, f"{spec} T={T}", unit="answers")
             for b in range(0, len(rows), a.batch_size):
                 batch = rows[b:b + a.batch_size]
-                enc = tok([_prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
+                enc = tok([prompt_text(tok, r["prompt"], a.system, a.shots) for r in batch], return_tensors="pt",
+                          padding=True, add_special_tokens=False)
                 for _ in range(n_samples):
                     outs = generate(model, enc.input_ids, a.max_new_tokens, temperature=T or 1.0,
                                     attention_mask=enc.attention_mask, eos_token_id=tok.eos_token_id, generator=g_,

@@ -28,50 +28,18 @@ import minpp_ref  # noqa: E402
 from cli import minpp as minpp_cli  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = ["Tom", "Ana", "Lee", "Maya", "Omar", "Sara", "Ben", "Ivy"]
-THINGS = ["apples", "books", "coins", "stamps", "shells", "pencils", "cards", "marbles"]
-# (question, worked answer, operation): 12 templates, split 4 / 4 / 4 by index into train / dev / test
-TEMPLATES = [
-    ("{n} has {a} {t}. {n} gets {b} more. How many {t} does {n} have now?", "{n} has {a} + {b} = {r} {t}.", "+"),
-    ("{n} had {a} {t} and gave {b} to a friend. How many {t} does {n} have left?", "{n} has {a} - {b} = {r} {t} left.", "-"),
-    ("{n} picks {a} {t} in the morning and {b} in the afternoon. How many {t} did {n} pick?", "{n} picked {a} + {b} = {r} {t}.", "+"),
-    ("There are {a} {t} on a table and {b} more in a bag. How many {t} are there in all?", "There are {a} + {b} = {r} {t}.", "+"),
-    ("{n} found {a} {t} on Monday and {b} on Tuesday. How many {t} did {n} find?", "{n} found {a} + {b} = {r} {t}.", "+"),
-    ("A shop had {a} {t}. It sold {b} of them. How many {t} are still in the shop?", "The shop has {a} - {b} = {r} {t}.", "-"),
-    ("{n} has {a} red {t} and {b} blue {t}. How many {t} does {n} have?", "{n} has {a} + {b} = {r} {t}.", "+"),
-    ("{n} collects {a} {t}, then {b} more. How many {t} does {n} have?", "{n} has {a} + {b} = {r} {t}.", "+"),
-    ("{n} has {a} {t} and loses {b}. How many {t} are left?", "{n} has {a} - {b} = {r} {t} left.", "-"),
-    ("A box holds {a} {t}. {b} are taken out. How many {t} are in the box now?", "The box has {a} - {b} = {r} {t}.", "-"),
-    ("{n} reads {a} {t} in May and {b} in June. How many {t} in total?", "{n} read {a} + {b} = {r} {t}.", "+"),
-    ("{n} baked {a} {t} and ate {b}. How many {t} are left?", "{n} has {a} - {b} = {r} {t} left.", "-"),
-]
-SPLITS = {"train": [0, 3, 6, 9], "dev": [1, 4, 7, 11], "test": [2, 5, 8, 10]}  # 1-2 subtraction templates each
-SHOTS = [("Mia has 3 pens. Mia gets 4 more. How many pens does Mia have now?", "Mia has 3 + 4 = 7 pens. #### 7"),
-         ("Leo had 9 cups and broke 2. How many cups does Leo have left?", "Leo has 9 - 2 = 7 cups left. #### 7"),
-         ("Zoe sees 5 birds and then 3 more. How many birds did Zoe see?", "Zoe saw 5 + 3 = 8 birds. #### 8")]
-SYSTEM = "Answer with one short sentence, then '####' and the number."
+# the problem set and its prompt are the command line's (cli/minpp.py data writes the same problems)
+NAMES, THINGS, TEMPLATES, SPLITS = minpp_cli.NAMES, minpp_cli.THINGS, minpp_cli.TEMPLATES, minpp_cli.SPLITS
+SHOTS, SYSTEM = minpp_cli.SHOTS, minpp_cli.SYSTEM
 TEMPS = (1.0, 1.5, 2.0)
 MIN_P, TOP_P = (0.05, 0.1, 0.2, 0.3), (0.7, 0.8, 0.9, 0.95)
 
 
-def problem(template, rng, hi):
-    q, a_text, op = TEMPLATES[template]
-    a, b = rng.randint(2, hi), rng.randint(2, hi)
-    if op == "-":
-        a, b = max(a, b) + 1, min(a, b)
-    r = a + b if op == "+" else a - b
-    kw = dict(n=rng.choice(NAMES), t=rng.choice(THINGS), a=a, b=b, r=r)
-    return {"prompt": q.format(**kw), "answer": a_text.format(**kw) + f" #### {r}"}
-
-
-def problems(split, n, seed, hi):
-    rng = random.Random(f"{split}-{seed}")
-    return [problem(rng.choice(SPLITS[split]), rng, hi) for _ in range(n)]
+problem, problems = minpp_cli.problem, minpp_cli.problems
 
 
 def prompt_text(tok, question):
-    msgs = [{"role": "system", "content": SYSTEM}] + [m for q, a in SHOTS for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    return tok.apply_chat_template(msgs + [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return minpp_cli.prompt_text(tok, question, SYSTEM, SHOTS)
 
 
 def inverse_cdf(p, u):
