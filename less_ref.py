@@ -763,8 +763,8 @@ def _features(model, examples, group_sizes, grad_type, adam, projection, batch_s
     sizes = group_sizes or [min(batch_size, len(examples) - b) for b in range(0, len(examples), batch_size)]
     buf, start, since = [], 0, None  # gradients (B, D) per batch; the group's first example; the buffer's first time
     for n, nxt in zip(sizes, sizes[1:] + [0]):
-        for b in range(start, start + n, batch_size):
-            batch = examples[b:min(b + batch_size, start + n)]
+        for b in range(start, start + n, batch_size if vmap else 1):  # the loop: progress per record
+            batch = examples[b:min(b + (batch_size if vmap else 1), start + n)]
             g = example_gradients(model, batch, vmap, check=False)  # (B, D)
             bad = ~torch.isfinite(g).all(1)  # (B,)
             if bad.any():

@@ -1,7 +1,7 @@
 """Command-line tools for less_ref: warmup, collect, match, select, demo. `python cli/less.py --help`.
 
-Everything here is plumbing around the method in less_ref.py: model loading (a directory, a hub id or a GGUF
-file; a saved or fresh LoRA), JSONL reading, the commands, and an offline demo on a tiny model.
+Everything here is plumbing around the method in less_ref.py: model loading (a local directory or a GGUF file inside
+one: nothing is downloaded; a saved or fresh LoRA), JSONL reading, the commands, and an offline demo on a tiny model.
 """
 import contextlib
 import json
@@ -368,6 +368,7 @@ def main(argv=None):
     subparser(sub, "demo", "an offline end-to-end run on a tiny model")
     a = ap.parse_args(argv)
     if a.cmd == "demo":
+        first_line("cli/less.py demo: LESS end to end on a tiny Llama, offline (a few seconds)")
         return demo()
     if a.cmd == "warmup":
         return warmup(a)

@@ -1,8 +1,8 @@
-"""Command-line tools for minpp_ref: train, eval, generate, demo. `python cli/minpp.py --help`.
+"""Command-line tools for minpp_ref: data, train, eval, generate, demo. `python cli/minpp.py --help`.
 
-Plumbing around the method in minpp_ref.py: model loading (a directory, a hub id or a GGUF file), JSONL
-prompt/answer records, GSM8K answer checking ("#### N", compared as numbers), the commands, and an offline
-demo on a tiny model.
+Plumbing around the method in minpp_ref.py: model loading (a local directory or a GGUF file inside one: nothing is
+downloaded), JSONL prompt/answer records, a GSM8K-style problem set (`data`), GSM8K answer checking ("#### N",
+compared as numbers), the commands, and an offline demo on a tiny model.
 """
 import contextlib
 import json
@@ -13,9 +13,9 @@ import sys
 from fractions import Fraction
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: minpp_ref
-from cli.common import (Progress, UsageError, check_gguf, distinct, existing, finite, load_model,  # noqa: E402
-                        load_tokenizer, model_dir, parser, positive, positives, read_jsonl, run, subparser, whole,
-                        writable_file, write_text)
+from cli.common import (Progress, UsageError, check_gguf, distinct, existing, finite, first_line,  # noqa: E402
+                        load_model, load_tokenizer, model_dir, parser, positive, positives, read_jsonl, run,
+                        subparser, whole, writable_file, write_text)
 # torch and minpp_ref are imported where they are used: a mistake on the command line is found before their import
 
 
@@ -295,8 +295,11 @@ def main(argv=None):
     g.add_argument("--temperature", type=positive, default=1.0, help="sampling temperature")
     subparser(sub, "demo", "an offline end-to-end run on a tiny model")
     a = ap.parse_args(argv)
-    if a.cmd in ("demo", "data"):
-        return demo() if a.cmd == "demo" else write_data(a)
+    if a.cmd == "demo":
+        first_line("cli/minpp.py demo: a MinP+ head on a tiny Llama, offline (a few seconds)")
+        return demo()
+    if a.cmd == "data":
+        return write_data(a)
     # every option and file before torch is imported and the model loads: the model's directory, the inputs, --out
     # (never over an input or another output), the samplers, the data; then a first line, then the slow part
     check_gguf(a.model, a.gguf_file)
@@ -314,8 +317,8 @@ def main(argv=None):
         _sampler(name, True)
     rows = _records(a.data, need_answer_number=a.cmd == "eval") if a.cmd != "generate" else None
     a.shots = [(r["prompt"], r["answer"]) for r in _records(a.shots)] if a.shots else []
-    print(f"cli/minpp.py {a.cmd}: " + (f"{len(rows)} records of {a.data}" if rows else repr(a.prompt[:60]))
-          + f"; loading {a.model} (a first line: the slow part starts)", file=sys.stderr, flush=True)
+    first_line(f"cli/minpp.py {a.cmd}: " + (f"{len(rows)} records of {a.data}" if rows else repr(a.prompt[:60]))
+               + f"; loading {a.model}")
     import torch
 
     from minpp_ref import MinPPlusHead

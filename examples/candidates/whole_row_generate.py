@@ -43,6 +43,8 @@ def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None
     if mask.shape != input_ids.shape or not ((mask == 0) | (mask == 1)).all() or (mask.diff(dim=1) < 0).any() \
             or not mask[:, -1].all():
         raise ValueError("attention_mask must be left padding of input_ids' shape: 0s then 1s")
+    eos = set() if eos_token_id is None else set(torch.as_tensor(eos_token_id).reshape(-1).tolist())
+    stop_strings = list(stop_strings or [])  # transformers' None; a generator read once
     model.eval()
     ids, out, done = input_ids, [[] for _ in range(input_ids.shape[0])], [False] * input_ids.shape[0]
     for _ in range(max_new_tokens):
@@ -56,7 +58,7 @@ def generate(model, input_ids, max_new_tokens, *, do_sample=True, generator=None
             if not done[i]:
                 out[i].append(t)
                 text = decode(out[i]) if stop_strings else ""  # the whole generated row, every step
-                done[i] = t == eos_token_id or any(text.endswith(s) for s in stop_strings)
+                done[i] = t in eos or any(s in text for s in stop_strings)  # vLLM: contained, not only at the end
         if all(done):
             break
         ids = torch.cat([ids, tok[:, None]], 1)
