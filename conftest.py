@@ -132,18 +132,19 @@ def impl(request):
 TUNING = {"chunk_rows", "block_rows", "slice_cols"}  # optional arguments that split the work, never change a value
 
 
-def call(fn, *args, **kwargs):
+def call(fn, *args, _refused=False, **kwargs):
     """fn(*args, **kwargs) where the keyword arguments are optional features of the SPEC (chunk_rows, row_offset,
     kind, slice_cols, ...), probed per call: a None value is not passed (the function's default holds); a TUNING
     argument the function does not take is dropped (the case runs with the function's own split), and any other
-    one it does not take (and no **kwargs) skips the case naming it; a NotImplementedError skips too."""
+    one it does not take (and no **kwargs) skips the case naming it; a NotImplementedError skips too. _refused=True
+    (a test of the argument's own refusal): a TUNING argument the function does not take skips the case too."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         params = None
     if params is not None and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params or k not in TUNING}
+        kwargs = {k: v for k, v in kwargs.items() if k in params or k not in TUNING or _refused}
         missing = [k for k in kwargs if k not in params]
         if missing:
             pytest.skip(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)} does not take "

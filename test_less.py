@@ -682,7 +682,7 @@ def test_bad_projection_arguments_are_errors(impl, bad):
     args = dict(proj_dim=16, seed=0)
     args.update(bad)
     with pytest.raises(REFUSED):
-        call(impl.project, torch.randn(2, 10), args.pop("proj_dim"), **args)
+        call(impl.project, torch.randn(2, 10), args.pop("proj_dim"), _refused=True, **args)
 
 
 # --- L5: scores and selection
@@ -2024,6 +2024,9 @@ def test_read_jsonl_ids_and_bad_lines(tmp_path, monkeypatch):
     (tmp_path / "d.jsonl").write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")
     ids = [r["id"] for r in read_jsonl(tmp_path / "d.jsonl")]
     assert ids[0] == "q1" and len(set(ids)) == 4 and ids[3] == ids[1] + "-2" and re.fullmatch("rec-[0-9a-f]{32}", ids[1])
+    (tmp_path / "r.jsonl").write_text('{"prompt": "3", "response": "4"}\n{"prompt": "3", "response": "5"}\n')
+    a, b = (r["id"] for r in read_jsonl(tmp_path / "r.jsonl"))  # one prompt, two responses: the whole record hashes
+    assert a != b and not b.endswith("-2"), (a, b)
     (tmp_path / "e.jsonl").write_text("\n".join(['{"prompt": "0", "response": "0"}', lines[2], lines[1]]) + "\n")
     moved = {r["prompt"]: r["id"] for r in read_jsonl(tmp_path / "e.jsonl")}
     assert moved["5"] == ids[2] and moved["3"] == ids[1]
@@ -2547,6 +2550,8 @@ def test_a_command_says_what_it_does_within_5_seconds(tmp_path, argv):
     import subprocess
     import sys
     import time
+    if argv[0] == "warmup":
+        pytest.importorskip("peft")  # warmup says it needs peft before anything else
     _tiny_model_dir(tmp_path / "m")
     _write(tmp_path / "d.jsonl", '{"prompt": "what is 1 ?", "response": "2"}\n')
     probe = ("import builtins, runpy, sys, time\nreal = builtins.__import__\n"
@@ -2564,3 +2569,25 @@ def test_a_command_says_what_it_does_within_5_seconds(tmp_path, argv):
         proc.kill()
         proc.wait()
     assert line.startswith(f"cli/less.py {argv[0]}: ") and took < 5, (line, took)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft's, on this transformers
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys:UserWarning")  # intended: what the check turns into an error
+def test_a_lora_adapter_whose_weights_do_not_fit_never_runs(tmp_path):
+    """A saved adapter whose weight names do not fit the model (another prefix) would be skipped by peft and run from
+    its initialisation: collect refuses it naming the keys, before any feature is computed."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    _tiny_model_dir(tmp_path / "m")
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "m"),
+                        LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    lm.save_pretrained(tmp_path / "ad")
+    weights = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    save_file({f"other.{k}": v for k, v in weights.items()}, tmp_path / "ad" / "adapter_model.safetensors")
+    _write(tmp_path / "d.jsonl", '{"prompt": "what is 1 ?", "response": "2"}\n')
+    with pytest.raises(ValueError, match="--lora-adapter .* do not fit the model"):
+        less_cli.main(["collect", "--model", str(tmp_path / "m"), "--lora-adapter", str(tmp_path / "ad"), "--data",
+                       str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--grad-type", "sgd"])
+    assert not (tmp_path / "o" / "features.safetensors").exists()

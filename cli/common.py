@@ -224,7 +224,7 @@ def own_dir(path, option, command, pattern, marker):
     pattern) with its marker file; anything else is another's and is refused (exit 2), never replaced."""
     found = sorted(os.listdir(path)) if os.path.isdir(path) else []
     foreign = [f for f in found if not re.fullmatch(pattern, f)]
-    if foreign or (found and marker not in found):
+    if foreign or (marker not in found and any(".tmp" not in f for f in found)):  # a temp file: a write under way
         raise UsageError(f"{option} {path} holds files {command} did not write ({', '.join((foreign or found)[:3])}"
                          f"{', ...' if len(foreign or found) > 3 else ''}{'' if foreign else f'; no {marker}'}): "
                          f"give a new {option}")
@@ -233,7 +233,11 @@ def own_dir(path, option, command, pattern, marker):
 def needs_peft(option):
     """A LoRA option without peft installed: one line, before any model loads."""
     import importlib.util
-    if importlib.util.find_spec("peft") is None:
+    try:
+        found = importlib.util.find_spec("peft") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        found = False
+    if not found:
         raise UsageError(f"{option} needs peft, which is not installed: pip install -r examples/requirements.txt")
 
 
@@ -326,6 +330,15 @@ def load_model(model, gguf_file=None, dtype="float32", lora_adapter=None, lora_r
     if lora_adapter:
         from peft import PeftModel
         lm = PeftModel.from_pretrained(lm, lora_adapter, is_trainable=True)
+        saved = os.path.join(lora_adapter, "adapter_model.safetensors")
+        if os.path.isfile(saved):  # peft skips adapter weights whose names do not fit: the LoRA would stay at init
+            from safetensors import safe_open
+            with safe_open(saved, "pt") as f:
+                got = set(f.keys())
+            want = {n.replace(".default.", ".") for n, _ in lm.named_parameters() if "lora_" in n}
+            if got != want:
+                raise ValueError(f"--lora-adapter {lora_adapter}: its weights do not fit the model (e.g. "
+                                 f"{sorted(got ^ want)[:2]}): the adapter would run from its initialisation")
     elif lora_r:
         from peft import LoraConfig, get_peft_model
         with torch.random.fork_rng(devices=[]):

@@ -261,8 +261,6 @@ def _check_collect(a):
                          "adapter the optimizer state belongs to (--lora-adapter out/checkpoint-N)")
     if a.lora_r and a.lora_adapter:
         raise UsageError("give --lora-adapter (a trained adapter) or --lora-r (a fresh one), not both")
-    if a.lora_r or a.lora_adapter:
-        needs_peft("--lora-r" if a.lora_r else "--lora-adapter")
     if a.grad_type == "adam" and not a.optimizer_state:
         raise UsageError("--grad-type adam needs --optimizer-state (the checkpoint's optimizer.pt or optimizer.bin)")
     if a.grad_type != "adam" and a.optimizer_state:
@@ -271,6 +269,8 @@ def _check_collect(a):
         raise ValueError(f"--lora-adapter {a.lora_adapter}: no adapter_config.json there (a saved peft adapter, e.g. "
                          "out/checkpoint-N of warmup)")
     writable_dir(a.out, "--out")
+    if a.lora_r or a.lora_adapter:
+        needs_peft("--lora-r" if a.lora_r else "--lora-adapter")
     a.records = read_jsonl(a.data)  # before any model: a bad line is one line, found at once
     first_line(f"cli/less.py collect: {a.grad_type} features of {len(a.records)} records of {a.data} under {a.model} "
                f"-> {a.out}")  # what comes next imports torch (seconds)
