@@ -411,15 +411,18 @@ def select_step(model, optimizer, pool, val, n_select, projection=Projection(), 
     _check_model_inputs(model, pool, val)
     adam = adam_state(model, optimizer)
     was_training, mine = model.training, list(range(rank, len(pool), world))
-    feats = lambda ex, *a: torch.cat([torch.zeros(0, projection.proj_dim), *_features(  # noqa: E731
+    feats = lambda ex, bar, *a: torch.cat([torch.zeros(0, projection.proj_dim), *_features(  # noqa: E731
         model, ex, None, *a, projection, batch_size, bar, vmap, eps_outside)])  # (n, k)
-    try:
-        with Progress(len(val) + len(mine), f"rank {rank}: select_step") as bar:
-            v, t = feats(val, "sgd", None), feats([pool[i] for i in mine], "adam", adam)  # (M, k), (n, k)
-    finally:
-        model.train(was_training)
+
+    def local():  # this rank's (positions, scores), inside _sync: an error on one rank stops every rank
+        try:
+            with Progress(len(val) + len(mine), f"rank {rank}: select_step") as bar:
+                v, t = feats(val, bar, "sgd", None), feats([pool[i] for i in mine], bar, "adam", adam)  # (M/n, k)
+            return mine, influence_scores(t, v).cpu() if mine else []
+        finally:
+            model.train(was_training)
     scores = torch.full((len(pool),), float("nan"))
-    for idx, sc in _sync(rank, world, lambda: (mine, influence_scores(t, v).cpu() if mine else []), gather=True):
+    for idx, sc in _sync(rank, world, local, gather=True):
         scores[idx] = torch.as_tensor(sc)
     return select_top(scores, k=n_select)  # the same scores on every rank: the same choice
 
@@ -531,11 +534,8 @@ class Progress:
         if len(self.marks) == 1 or self.every <= 0 or self.done >= (self.total or 0):
             self._line()
 
-    def close(self):
-        self.stop.set()
-        _ = self.written is None or self._line()
-
-    __enter__, __exit__ = (lambda self: self), (lambda self, *exc: self.close())
+    close = lambda self: (self.stop.set(), self.written is None or self._line())  # noqa: E731 -- a last line: on disk
+    __enter__, __exit__ = (lambda self: self), (lambda self, *exc: self.close() and None)  # None: an error goes on
 
 
 # --- optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer; eta
