@@ -119,7 +119,8 @@ def _import(kind, config):
     except Exception as e:  # not found (exit 4), or any error the module raises while it loads (exit 1)
         found = not isinstance(e, ModuleNotFoundError) or e.name != name
         pytest.exit(f"{name}: import failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-                    + ("" if found else f" (is it on PYTHONPATH? the {kind} implementation)"), returncode=1 if found else 4)
+                    + ("" if found else f" (is it on PYTHONPATH? the {kind} implementation)"),
+                    returncode=1 if found else 4)
 
 
 @pytest.fixture(scope="module")

@@ -326,8 +326,7 @@ def collect_features(model, examples, out_dir, grad_type="adam", optimizer_state
                                grad_type, adam, projection, batch_size, bar, vmap):  # (rows of whole chunks, k)
                 while len(x):
                     c = next(pending)
-                    _write_atomic({"features": x[:len(chunks[c])].cpu().contiguous(),
-                                   "positions": torch.tensor(chunks[c])},
+                    _write_atomic({"features": x[:len(chunks[c])].cpu(), "positions": torch.tensor(chunks[c])},
                                   {"ids": [examples[i]["id"] for i in chunks[c]], "identity": identity}, paths[c])
                     x, bar.written = x[len(chunks[c]):], bar.written + len(chunks[c])
 
@@ -507,14 +506,14 @@ def _holds(path, identity, positions=None):
 class Progress:
     """Lines on stderr (a log file shows them as a terminal does) on a timer (PROGRESS_SECONDS, default 30; 0: each
     update), at the first update and at the end: 'desc: done/total unit (pct)[, n written], rate over ~10 lines, ETA'
-    or how long since one finished (never '?'). A with block (or close()) stops the timer with the work, also on an
-    error; written (collect: what is on disk) is said once more at the end."""
+    or how long since one finished (never '?'); a with block (or close()) stops the timer with the work, errors too."""
 
     def __init__(self, total, desc, unit="records", initial=0, written=None):
         import threading
         self.total, self.desc, self.unit, self.done, self.written = total, desc, unit, initial, written
         self.start = self.last = time.time()  # last: when one last finished
-        self.marks, self.every, self.stop = [(self.start, initial)], _settings()[2], threading.Event()
+        self.marks, self.stop = [(self.start, initial)], threading.Event()
+        self.every = _env("PROGRESS_SECONDS", PROGRESS_SECONDS, 0)  # its own setting only: MinP+'s tools use it too
         if self.every > 0:  # a line each time the wait ends without close()
             threading.Thread(target=lambda: [self._line() for _ in iter(lambda: self.stop.wait(self.every), True)],
                              daemon=True).start()
@@ -525,17 +524,18 @@ class Progress:
         rate, hms = (self.done - done_then) / max(now - then, 1e-9), lambda t: f"{int(t) // 60}m{int(t) % 60:02d}s"
         eta = "done" if self.done >= self.total else f"ETA {hms((self.total - self.done) / rate)}" if rate > 0 \
             else f"none finished in the last {hms(now - self.last)}"  # hung and slow look different
-        written = "" if self.written is None else f", {self.written} written"
         print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
-              f"{written}, {rate:.2f} {self.unit}/s, {eta}", file=sys.stderr, flush=True)
+              f"{'' if self.written is None else f', {self.written} written'}, {rate:.2f} {self.unit}/s, {eta}",
+              file=sys.stderr, flush=True)
 
     def update(self, n=1):
         self.done, self.last = self.done + n, time.time()
         if len(self.marks) == 1 or self.every <= 0 or self.done >= (self.total or 0):
             self._line()
 
-    close = lambda self: (self.stop.set(), self.written is None or self._line())  # noqa: E731 -- a last line: on disk
-    __enter__, __exit__ = (lambda self: self), (lambda self, *exc: self.close() and None)  # None: an error goes on
+    def close(self):  # the timer stops; a last line says what is on disk where the caller counts it (returns None)
+        _ = self.stop.set() or self.written is None or self._line()
+    __enter__, __exit__ = (lambda self: self), (lambda self, *exc: self.close())
 
 
 # --- optimizer state: FSDP name-keyed optimizer.bin, Trainer index-keyed optimizer.pt, live optimizer; eta
@@ -734,7 +734,7 @@ def _write_atomic(tensors, metadata, path):
 
 
 # --- features in bounded memory: the gradient buffer, projected slice by slice; settings read where they are used
-GRAD_BUFFER_BYTES, BUFFER_SECONDS = 2 ** 31, 600  # defaults: gradients projected at once, seconds a buffer holds them
+GRAD_BUFFER_BYTES, BUFFER_SECONDS, PROGRESS_SECONDS = 2 ** 31, 600, 30  # defaults of the environment's settings
 
 
 def _env(name, default, lo, lo_open=False):
@@ -752,7 +752,7 @@ def _env(name, default, lo, lo_open=False):
 def _settings():
     """(buffer bytes, buffer seconds, progress seconds): the environment's settings (the tools check them first)."""
     return (int(_env("LESS_GRAD_BUFFER_BYTES", GRAD_BUFFER_BYTES, 1)),
-            _env("LESS_BUFFER_SECONDS", BUFFER_SECONDS, 0, True), _env("PROGRESS_SECONDS", 30, 0))
+            _env("LESS_BUFFER_SECONDS", BUFFER_SECONDS, 0, True), _env("PROGRESS_SECONDS", PROGRESS_SECONDS, 0))
 
 
 def _features(model, examples, group_sizes, grad_type, adam, projection, batch_size, bar, vmap=True, eps_outside=False):
@@ -761,10 +761,10 @@ def _features(model, examples, group_sizes, grad_type, adam, projection, batch_s
     LESS_GRAD_BUFFER_BYTES (>= a group; 2x while projected), after LESS_BUFFER_SECONDS, or at the end. NaN: its id."""
     limit, seconds, _ = _settings()
     sizes = group_sizes or [min(batch_size, len(examples) - b) for b in range(0, len(examples), batch_size)]
-    buf, start, since = [], 0, None  # gradients (B, D) per batch; the group's first example; the buffer's first time
+    buf, start, since, step = [], 0, None, batch_size if vmap else 1  # the loop steps by one: progress per record
     for n, nxt in zip(sizes, sizes[1:] + [0]):
-        for b in range(start, start + n, batch_size if vmap else 1):  # the loop: progress per record
-            batch = examples[b:min(b + (batch_size if vmap else 1), start + n)]
+        for b in range(start, start + n, step):
+            batch = examples[b:min(b + step, start + n)]
             g = example_gradients(model, batch, vmap, check=False)  # (B, D)
             bad = ~torch.isfinite(g).all(1)  # (B,)
             if bad.any():

@@ -676,7 +676,8 @@ def _check_training(steps, lr, reg, lam, log_every):
     for name, v in (("steps", steps), ("log_every", log_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "steps" else 0):
             raise ValueError(f"{name} must be a whole number >= {1 if name == 'steps' else 0}, got {v!r}")
-    _real("lr", lr, 0, math.inf, lo_open=True), _real("lam", lam, -math.inf, math.inf)
+    _real("lr", lr, 0, math.inf, lo_open=True)
+    _real("lam", lam, -math.inf, math.inf)
     if reg not in ("entropy", "l1"):
         raise ValueError(f"regulariser must be 'entropy' or 'l1', got {reg!r}")
 

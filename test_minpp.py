@@ -1785,7 +1785,7 @@ def test_command_line_train_eval_generate(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     minpp_cli.main(["generate", "--model", m, "--prompt", "what is 1 + 1 ?", "--max-new-tokens", "4"])
     model = LlamaForCausalLM.from_pretrained(m).eval()  # greedy by hand: argmax, no cache, stop after eos
-    ids = tok(minpp_cli._prompt_text(tok, "what is 1 + 1 ?"), add_special_tokens=False, return_tensors="pt").input_ids
+    ids = tok(minpp_cli.prompt_text(tok, "what is 1 + 1 ?"), add_special_tokens=False, return_tensors="pt").input_ids
     new = []
     for _ in range(4):
         new.append(int(model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax()))

@@ -405,17 +405,11 @@ def bench_collect(device, smoke):
         ids = torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist()
         ex.append({"id": f"r{i}", "input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
 
-    def run(kind, buffer_bytes=None, ex=ex):
-        n_ex = len(ex)
-        old, less_ref.GRAD_BUFFER_BYTES = less_ref.GRAD_BUFFER_BYTES, buffer_bytes or less_ref.GRAD_BUFFER_BYTES
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                t = time.perf_counter()
-                path = less_ref.collect_features(model, ex, tmp, "sgd", projection=less_ref.Projection(k, 0, kind))
-                sec = (time.perf_counter() - t) / n_ex
-                return sec, less_ref.load_features(path)[0]
-        finally:
-            less_ref.GRAD_BUFFER_BYTES = old
+    def run(kind, ex=ex):
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            path = less_ref.collect_features(model, ex, tmp, "sgd", projection=less_ref.Projection(k, 0, kind))
+            return (time.perf_counter() - t) / len(ex), less_ref.load_features(path)[0]
     sj, _ = run("sjlt")
     dense, _ = run("rademacher")
     row("collect", f"full-parameter Llama D={D / 1e6:.2f}M k={k} N={n_ex}, dense vs sjlt", dense, sj,

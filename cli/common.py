@@ -281,10 +281,9 @@ def first_line(text):
 
 def phase(desc):
     """A heartbeat for a step without a count (loading a tokenizer or a model, a conversion): a with block."""
-    return contextlib.closing(Progress(None, desc))
+    return Progress(None, desc)
 
 
-# --- progress that a log file shows too: less_ref.Progress, the one implementation
 def Progress(total, desc, unit="records", initial=0, written=None):
     """less_ref.Progress: a line on stderr at the first update, every PROGRESS_SECONDS of wall time (a timer: a slow
     item or a model load shows too) and at the end, 'desc: done/total unit (pct), rate, ETA'; total=None: a phase

@@ -3,7 +3,6 @@
 Everything here is plumbing around the method in less_ref.py: model loading (a local directory or a GGUF file inside
 one: nothing is downloaded; a saved or fresh LoRA), JSONL reading, the commands, and an offline demo on a tiny model.
 """
-import contextlib
 import json
 import os
 import re
@@ -436,7 +435,7 @@ def collect(a):
         tok = load_tokenizer(a.model, a.gguf_file)
         examples = [encode_example(r, tok, a.max_length) for r in a.records]
         check_examples(examples, len(tok))
-    with contextlib.closing(Progress(None, f"loading the model {a.model}")):
+    with phase(f"loading the model {a.model}"):
         model = load_model(a.model, a.gguf_file, a.dtype, a.lora_adapter, a.lora_r, a.lora_targets)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     path = collect_features(model, examples, a.out, a.grad_type, a.optimizer_state,

@@ -4,7 +4,6 @@ Plumbing around the method in minpp_ref.py: model loading (a local directory or 
 downloaded), JSONL prompt/answer records, a GSM8K-style problem set (`data`), GSM8K answer checking ("#### N",
 compared as numbers), the commands, and an offline demo on a tiny model.
 """
-import contextlib
 import json
 import math
 import os
@@ -14,7 +13,7 @@ from fractions import Fraction
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: minpp_ref
 from cli.common import (Progress, UsageError, check_gguf, distinct, existing, finite, first_line,  # noqa: E402
-                        load_model, load_tokenizer, model_dir, parser, positive, positives, read_jsonl, run,
+                        load_model, load_tokenizer, model_dir, parser, phase, positive, positives, read_jsonl, run,
                         subparser, whole, writable_file, write_text)
 # torch and minpp_ref are imported where they are used: a mistake on the command line is found before their import
 
@@ -115,9 +114,6 @@ def prompt_text(tok, prompt, system=None, shots=()):
     return "".join(f"{m['content']}\n\n" for m in msgs) + prompt
 
 
-_prompt_text = prompt_text  # the name examples/smollm2.py and older scripts use
-
-
 # --- a GSM8K-style problem set a small model can answer (examples/minpp_compare.py uses the same): `data`
 NAMES = ["Tom", "Ana", "Lee", "Maya", "Omar", "Sara", "Ben", "Ivy"]
 THINGS = ["apples", "books", "coins", "stamps", "shells", "pencils", "cards", "marbles"]
@@ -173,7 +169,6 @@ def write_data(a):
     out = {f"{split}.jsonl": problems(split, n, a.seed, a.max_operand)
            for split, n in (("train", a.n_train), ("dev", a.n_dev), ("test", a.n_test))}
     out["shots.jsonl"] = [{"prompt": q, "answer": ans} for q, ans in SHOTS]
-    distinct({}, {"--out": a.out})
     for name in (*out, "system.txt"):
         if os.path.exists(os.path.join(a.out, name)):
             raise UsageError(f"--out {a.out} holds {name} already: give a new --out (nothing is written over)")
@@ -324,7 +319,7 @@ def main(argv=None):
     from minpp_ref import MinPPlusHead
     head = MinPPlusHead.load(a.head) if getattr(a, "head", None) else None
     specs = {name: _sampler(name, head) for name in names}
-    with contextlib.closing(Progress(None, f"loading the model {a.model}")):
+    with phase(f"loading the model {a.model}"):
         model, tok = load_model(a.model, a.gguf_file).eval(), load_tokenizer(a.model, a.gguf_file, padding_side="left")
     if a.cmd == "train":
         return train(a, model, tok, rows)

@@ -17,7 +17,6 @@ tuned on dev at each T.
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -28,18 +27,15 @@ import minpp_ref  # noqa: E402
 from cli import minpp as minpp_cli  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the problem set and its prompt are the command line's (cli/minpp.py data writes the same problems)
-NAMES, THINGS, TEMPLATES, SPLITS = minpp_cli.NAMES, minpp_cli.THINGS, minpp_cli.TEMPLATES, minpp_cli.SPLITS
-SHOTS, SYSTEM = minpp_cli.SHOTS, minpp_cli.SYSTEM
 TEMPS = (1.0, 1.5, 2.0)
 MIN_P, TOP_P = (0.05, 0.1, 0.2, 0.3), (0.7, 0.8, 0.9, 0.95)
 
 
-problem, problems = minpp_cli.problem, minpp_cli.problems
+problems = minpp_cli.problems  # the problem set and its prompt are the command line's (cli/minpp.py data)
 
 
 def prompt_text(tok, question):
-    return minpp_cli.prompt_text(tok, question, SYSTEM, SHOTS)
+    return minpp_cli.prompt_text(tok, question, minpp_cli.SYSTEM, minpp_cli.SHOTS)
 
 
 def inverse_cdf(p, u):

@@ -148,7 +148,7 @@ def minpp_part(model, tok, out_dir, rng, n_train=60, n_test=30, max_new_tokens=4
             right = 0
             for b in range(0, len(test), 10):
                 batch = test[b:b + 10]
-                enc = tok([minpp_cli._prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
+                enc = tok([minpp_cli.prompt_text(tok, r["prompt"]) for r in batch], return_tensors="pt", padding=True,
                           add_special_tokens=False)
                 outs = minpp_ref.generate(model, enc.input_ids, max_new_tokens, temperature=T, attention_mask=enc.attention_mask,
                                           eos_token_id=tok.eos_token_id, generator=g, **kw)
