@@ -5,7 +5,8 @@
 The previous less_ref (commit 37a18d9, read with git show) vs the current one: one (2048, 8192) block of R vs
 torch's normal_ and fill_; project at D = 2^17, k = 8192, 16 rows vs TRAK's BasicProjector; dense collection of 320
 records of a 2-layer Llama (D = 590k, k = 8192) at the default LESS_BUFFER_SECONDS (600), without a time limit and
-with every chunk flushed on its own (the worst case); 48 records dense vs sjlt. Times are wall seconds of one call.
+with every chunk flushed on its own (the worst case); 48 records dense vs sjlt, and that ratio's floors (R
+written by fill_, R free). Times are wall seconds of one call.
 """
 import importlib.util
 import json
@@ -76,6 +77,21 @@ few = ex[:48]
 d = inter([lambda: collect("600", "rademacher", few), lambda: collect("600", "sjlt", few)], 1)
 res["collect_48_s"] = dict(zip(["dense", "sjlt"], d))
 print("collect 48, s: dense/sjlt", [round(v, 4) for v in d], round(d[0] / d[1], 2), flush=True)
+# the floors of that ratio: the same dense collection with R's generation replaced by writing the block once
+# (fill_: the memory-write floor of any R that is materialised) and by nothing (the buffer as it is: the product,
+# the gradients and the files alone); R's values are then wrong, only the time is measured
+rows = N._rademacher_rows
+def floor(make):
+    N._rademacher_rows = lambda seed, row0, nrows, proj_dim, device="cpu", out=None: make(out)
+    try:
+        return collect("600", "rademacher", few)
+    finally:
+        N._rademacher_rows = rows
+f = inter([lambda: collect("600", "rademacher", few), lambda: floor(lambda o: o.fill_(1.0)), lambda: floor(lambda o: o),
+           lambda: collect("600", "sjlt", few)], 2)
+res["collect_48_floor_s"] = dict(zip(["dense", "dense, R = fill_", "dense, R free", "sjlt"], f))
+print("collect 48, s: dense / R by fill_ / R free / sjlt", [round(v, 3) for v in f],
+      "ratios to sjlt", [round(v / f[3], 2) for v in f[:3]], flush=True)
 res["load_end"] = os.getloadavg()[0]
 res["command"] = "python benchmarks/rgen_round.py"
 res["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count()}

@@ -264,13 +264,13 @@ def main():
         scores.update(gradient_scores(pool, val, ckpts, base, eta, seconds))
         torch.save((scores, seconds), cache)
     agree = agreement(scores, ids)
-    runs, os_runs = {}, f"{w}/runs"
-    os.makedirs(os_runs, exist_ok=True)
+    runs, run_dir = {}, f"{w}/runs"
+    os.makedirs(run_dir, exist_ok=True)
     for budget in BUDGETS:
         k = int(budget * len(pool))
         for m in METHODS:
             for s in SEEDS:
-                name, path = f"{m}-{budget}-{s}", f"{os_runs}/{m}-{budget}-{s}.json"
+                name, path = f"{m}-{budget}-{s}", f"{run_dir}/{m}-{budget}-{s}.json"
                 if os.path.exists(path):
                     runs[name] = json.load(open(path))
                     continue
