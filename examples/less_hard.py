@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 from cli import less as less_cli  # noqa: E402
 from cli.common import load_model, load_tokenizer, read_jsonl  # noqa: E402
 from less_proof import RECIPE, RECIPE_ARGS, answer_losses, bootstrap  # noqa: E402
-from projector_agreement import spearman  # noqa: E402
+from projector_agreement import checkpoint_gradients, spearman  # noqa: E402
 import less_ref  # noqa: E402
 
 K, SEEDS, BUDGETS = 8192, (1, 2, 3), (0.05, 0.10)
@@ -54,7 +54,7 @@ T_975_DF2 = 4.302652729911275  # Student t quantile, 2 degrees of freedom
 
 
 def family(rid):
-    return rid.rsplit("-", 1)[0].split("-")[0]
+    return rid.split("-")[0]  # "adddup-3-1" -> "adddup"
 
 
 def chat(rid, op, a, b, rng, template=None, wrong=0):
@@ -115,16 +115,8 @@ def gradient_scores(pool, val, ckpts, base, eta, seconds):
     t_feats, v_feats = {m: [] for m in names}, {m: [] for m in names}
     for e, ck in enumerate(ckpts, 1):
         t = time.perf_counter()
-        model = load_model(base, lora_adapter=ck)
-        adam = less_ref.adam_state(model, f"{ck}/optimizer.pt")
-        g = []
-        for b in range(0, n, 20):
-            g.append(less_ref.example_gradients(model, pool[b:b + 20], vmap=False))
-            print(f"checkpoint {e}: gradients of {b + len(g[-1])}/{n} pool records", flush=True)
-        g = torch.cat(g)  # (N, D) plain gradients
-        vg = less_ref.example_gradients(model, val, vmap=False)  # (M, D): LESS's validation side is SGD
+        g, vg, adam = checkpoint_gradients(base, ck, pool, val, e)  # (N, D) plain; (M, D): LESS's val side is SGD
         a = less_ref.adam_features(g, *adam)  # (N, D)
-        del model
         seconds["gradients"] = seconds.get("gradients", 0) + time.perf_counter() - t
         av = torch.cat([a, vg])  # (N + M, D): one matrix per projection, as collect's two sides share R
         feats = {"exact": a, "dense-8192": less_ref.project(av, K),
@@ -136,9 +128,9 @@ def gradient_scores(pool, val, ckpts, base, eta, seconds):
             x = feats[m]
             t_feats[m].append(x if m == "exact" else x[:n])
             v_feats[m].append(vg if m == "exact" else x[n:])
+        seconds.setdefault("features_per_checkpoint", []).append(time.perf_counter() - t)  # gradients + projections
         print(f"checkpoint {e}: features in {time.perf_counter() - t:.0f} s", flush=True)
         del g, a, av, feats
-    seconds["gradients+projections"] = sum(seconds.values())
     return {m: less_ref.influence_scores(t_feats[m], v_feats[m], eta) for m in names}
 
 

@@ -72,6 +72,18 @@ def spearman(a, b):
     return (ra @ rb / (ra.norm() * rb.norm())).item()
 
 
+def checkpoint_gradients(base, ck, pool, val, e):
+    """(the pool's plain gradients (N, D), the validation records' (M, D), the checkpoint's Adam moments), float32:
+    the model at checkpoint ck, a backward per record, a progress line per 20 pool records (checkpoint e)."""
+    model = load_model(base, lora_adapter=ck)
+    adam = less_ref.adam_state(model, f"{ck}/optimizer.pt")
+    g = []
+    for b in range(0, len(pool), 20):
+        g.append(less_ref.example_gradients(model, pool[b:b + 20], vmap=False))
+        print(f"checkpoint {e}: gradients of {b + len(g[-1])}/{len(pool)} pool records", flush=True)
+    return torch.cat(g), less_ref.example_gradients(model, val, vmap=False), adam
+
+
 def project_all(pool, val, ckpts, base, eta):
     """{projector: its 300 scores} from one set of per-example gradients per checkpoint; seconds per checkpoint."""
     P = projectors()
@@ -81,14 +93,9 @@ def project_all(pool, val, ckpts, base, eta):
     n = len(pool)
     for e, ck in enumerate(ckpts, 1):
         t = time.perf_counter()
-        model = load_model(base, lora_adapter=ck)
-        adam = less_ref.adam_state(model, f"{ck}/optimizer.pt")
-        feats = []
-        for b in range(0, n, 20):
-            feats.append(less_ref.adam_features(less_ref.example_gradients(model, pool[b:b + 20], vmap=False), *adam))
-            print(f"checkpoint {e}: gradients of {b + len(feats[-1])}/{n} pool records", flush=True)
-        x = torch.cat(feats + [less_ref.example_gradients(model, val, vmap=False)])  # (308, D): pool Adam, val SGD
-        del feats, model
+        g, vg, adam = checkpoint_gradients(base, ck, pool, val, e)
+        x = torch.cat([less_ref.adam_features(g, *adam), vg])  # (308, D): pool Adam, val SGD
+        del g, vg
         seconds["gradients"].append(time.perf_counter() - t)
         t_feats["exact"].append(x[:n])  # views: x (1.1 GB) is kept per checkpoint, normalised by influence_scores
         v_feats["exact"].append(x[n:])
